@@ -1,0 +1,248 @@
+"""Attention modules searched by Att-DARTS, and a name -> class registry.
+
+Every module maps a (B, C, H, W) tensor to the same shape and is built from
+``(channels, height, width)`` so all of them share one constructor signature.
+Learnable parts live in a sub-module named ``_mask``: that name is part of the
+checkpoint layout of the published models.  The reduction ratio is 16; the
+hidden width is at least 1 so very narrow (test) networks still build.
+"""
+from typing import Dict, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REDUCTION = 16
+
+
+def hidden_width(channels: int, reduction: int = REDUCTION) -> int:
+    return max(1, channels // reduction)
+
+
+class Attention(nn.Module):
+    """Base class: ``forward`` returns ``x * self._mask(x)`` (the mask broadcasts)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._mask(x)
+
+
+class IdentityAttention(nn.Module):
+    """No attention: returns its input."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class SE(Attention):
+    """Squeeze-and-Excitation (Hu et al.): channel mask from the global average."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        hidden = hidden_width(channels)
+        self._mask = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(channels, hidden, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels, bias=False),
+            nn.Sigmoid(),
+            nn.Unflatten(1, (channels, 1, 1)),
+        )
+
+
+class BAMChannelGate(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = hidden_width(channels)
+        self.gate_c = nn.Sequential()
+        self.gate_c.add_module("flatten", nn.Flatten())
+        self.gate_c.add_module("gate_c_fc_0", nn.Linear(channels, hidden))
+        self.gate_c.add_module("gate_c_bn_1", nn.BatchNorm1d(hidden))
+        self.gate_c.add_module("gate_c_relu_1", nn.ReLU())
+        self.gate_c.add_module("gate_c_fc_final", nn.Linear(hidden, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(x, 1)
+        return self.gate_c(pooled)[:, :, None, None]
+
+
+class BAMSpatialGate(nn.Module):
+    def __init__(self, channels: int, dilation: int = 4, num_dilated_convs: int = 2):
+        super().__init__()
+        hidden = hidden_width(channels)
+        self.gate_s = nn.Sequential()
+        self.gate_s.add_module("gate_s_conv_reduce0", nn.Conv2d(channels, hidden, kernel_size=1))
+        self.gate_s.add_module("gate_s_bn_reduce0", nn.BatchNorm2d(hidden))
+        self.gate_s.add_module("gate_s_relu_reduce0", nn.ReLU())
+        for i in range(num_dilated_convs):
+            self.gate_s.add_module(f"gate_s_conv_di_{i}", nn.Conv2d(
+                hidden, hidden, kernel_size=3, padding=dilation, dilation=dilation))
+            self.gate_s.add_module(f"gate_s_bn_di_{i}", nn.BatchNorm2d(hidden))
+            self.gate_s.add_module(f"gate_s_relu_di_{i}", nn.ReLU())
+        self.gate_s.add_module("gate_s_conv_final", nn.Conv2d(hidden, 1, kernel_size=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate_s(x)
+
+
+class BAMMask(nn.Module):
+    """1 + sigmoid(channel gate * spatial gate), a (B, C, H, W) mask."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channel_att = BAMChannelGate(channels)
+        self.spatial_att = BAMSpatialGate(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1 + torch.sigmoid(self.channel_att(x) * self.spatial_att(x))
+
+
+class BAM(Attention):
+    """Bottleneck Attention Module (Park et al.): residual channel x spatial mask."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        self._mask = BAMMask(channels)
+
+
+class CBAMChannelAttention(nn.Module):
+    """Shared MLP over the average- and max-pooled descriptors -> sigmoid."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = hidden_width(channels)
+        self.mlp = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.mlp(F.adaptive_avg_pool2d(x, 1)) + self.mlp(F.adaptive_max_pool2d(x, 1))
+        return torch.sigmoid(logits)[:, :, None, None]
+
+
+class CBAMSpatialConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size=7, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class CBAMSpatialAttention(nn.Module):
+    """7x7 conv over the per-pixel channel max and mean -> sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.spatial = CBAMSpatialConv()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.spatial(pooled))
+
+
+class CBAMMask(nn.Module):
+    """Channel mask a, then spatial mask s computed on a * x; the mask is s * a."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.ChannelAttention = CBAMChannelAttention(channels)
+        self.SpatialAttention = CBAMSpatialAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel_mask = self.ChannelAttention(x)
+        return self.SpatialAttention(x * channel_mask) * channel_mask
+
+
+class CBAM(Attention):
+    """Convolutional Block Attention Module (Woo et al.)."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        self._mask = CBAMMask(channels)
+
+
+class GEThetaPlusMask(nn.Module):
+    """Gather with a learned depthwise conv over the whole map, then excite."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        hidden = hidden_width(channels)
+        self.gather = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=(height, width), groups=channels, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.excite = nn.Sequential(
+            nn.Conv2d(channels, hidden, kernel_size=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(hidden, channels, kernel_size=1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The gathered map is 1x1 (global extent); resizing it back to HxW is a
+        # broadcast, so the (B, C, 1, 1) mask is returned as is.
+        return torch.sigmoid(self.excite(self.gather(x)))
+
+
+class GEThetaPlus(Attention):
+    """Gather-Excite theta-plus (Hu et al.), global extent.  Needs the real input size."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        self._mask = GEThetaPlusMask(channels, height, width)
+
+
+class DoubleAttentionBlock(nn.Module):
+    """A^2 block: gather global descriptors, distribute them to every position."""
+
+    def __init__(self, channels: int, c_m: int, c_n: int):
+        super().__init__()
+        self.convA = nn.Conv2d(channels, c_m, kernel_size=1)
+        self.convB = nn.Conv2d(channels, c_n, kernel_size=1)
+        self.convV = nn.Conv2d(channels, c_n, kernel_size=1)
+        self.convZ = nn.Conv2d(c_m, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        features = self.convA(x).flatten(2)                                # (B, m, HW)
+        attention_maps = F.softmax(self.convB(x).flatten(2), dim=-1)       # over positions
+        attention_vectors = F.softmax(self.convV(x).flatten(2), dim=1)     # over channels
+        global_descriptors = torch.bmm(features, attention_maps.transpose(1, 2))  # (B, m, n)
+        distributed = torch.bmm(global_descriptors, attention_vectors)    # (B, m, HW)
+        return self.convZ(distributed.view(batch, -1, height, width))
+
+
+class DoubleAttention(nn.Module):
+    """A^2-Net double attention (Chen et al.), c_m = c_n = C/4, with a residual."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        reduced = max(1, channels // 4)
+        self._mask = DoubleAttentionBlock(channels, reduced, reduced)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mask(x) + x
+
+
+ATTENTIONS: Dict[str, Type[nn.Module]] = {
+    "Identity": IdentityAttention,
+    "SE": SE,
+    "BAM": BAM,
+    "CBAM": CBAM,
+    "GE_theta-plus": GEThetaPlus,
+    "DoubleAttention": DoubleAttention,
+}
+
+
+def build_attention(name: str, channels: int, height: int, width: int) -> nn.Module:
+    """Build the attention module ``name`` for inputs of shape (*, channels, height, width)."""
+    if name not in ATTENTIONS:
+        raise KeyError(f"unknown attention {name!r}; valid: {', '.join(ATTENTIONS)}")
+    return ATTENTIONS[name](channels, height, width)
