@@ -1,0 +1,114 @@
+"""Where a run executes: device choice, process group, and the one place that
+decides how a model is wrapped.
+
+- started by ``torchrun``: one process per device, DistributedDataParallel
+  (``nccl`` on GPUs, ``gloo`` on CPU), every split sharded by a DistributedSampler;
+- otherwise, several visible GPUs: DataParallel over all of them (as the original);
+- otherwise one GPU, or the CPU.
+"""
+import os
+from dataclasses import dataclass
+from typing import Iterable, List, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs and writes files."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def setup() -> Runtime:
+    """Initialise the process group under torchrun and pick this process's device."""
+    if launched_by_torchrun():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+            backend = "nccl"
+        else:
+            device = torch.device("cpu")
+            backend = "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        return Runtime(device, dist.get_rank(), dist.get_world_size(), local_rank)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Runtime(device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, runtime: Runtime, ignore: Sequence[str] = ()) -> nn.Module:
+    """Wrap ``model`` (already on ``runtime.device``) for data parallelism.
+
+    ``ignore`` names parameters DDP must not synchronise (the architecture
+    parameters: their gradients are reduced by the architect, not by DDP)."""
+    if runtime.distributed:
+        if ignore:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, list(ignore))
+        device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if runtime.device.type == "cuda" and torch.cuda.device_count() > 1:
+        return nn.DataParallel(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network inside a DDP/DataParallel wrapper."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
+def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
+    """Average tensors over processes in place (no-op outside torchrun)."""
+    if not dist.is_initialized():
+        return
+    world_size = dist.get_world_size()
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(world_size)
+
+
+def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Make every process hold rank ``src``'s values (bit-identical), in place."""
+    if not dist.is_initialized():
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor, src=src)
+
+
+def sum_over_processes(values: List[float], device: torch.device) -> List[float]:
+    """Sum scalar statistics (e.g. correct counts) over processes."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

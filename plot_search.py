@@ -1,0 +1,319 @@
+"""Plot how the architecture parameters and the metrics of a search run evolved.
+
+Reads ``RUN_DIR/arch_history.jsonl`` (one JSON object per finished epoch, written by
+the search script) and writes, into ``--out_dir`` (default ``RUN_DIR/plots``):
+
+- ``<param>.png`` for every architecture parameter set found under ``"arch"``
+  (``alphas_normal``, ``betas_reduce``, ``gammas_normal``, ...): for a per-edge
+  parameter, one small heatmap per edge (rows: candidates, columns: epochs,
+  colour: softmaxed weight on a shared 0..1 scale); for a per-cell parameter
+  (the cell-end ``gammas``), one heatmap candidates x epochs;
+- ``curves.png``: train/valid accuracy, train/valid loss and, if logged, the
+  learning rate over the epochs.
+
+Usage: ``python plot_search.py RUN_DIR [--out_dir DIR]``.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+import utils
+
+HISTORY_NAME = "arch_history.jsonl"
+CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # NaN: epoch without it
+_PARAM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_METRICS = ("train_acc", "valid_acc", "train_loss", "valid_loss", "lr")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Plot the architecture-parameter history of a search run.")
+    parser.add_argument("run_dir", help="search run directory holding " + HISTORY_NAME)
+    parser.add_argument("--out_dir", default=None, help="where the PNGs go (default: RUN_DIR/plots)")
+    return parser.parse_args()
+
+
+# -- reading -----------------------------------------------------------------------
+
+def read_history(path: str) -> List[Dict[str, Any]]:
+    """The epoch records of an ``arch_history.jsonl`` file, in file order.
+
+    Blank lines are skipped; a missing or empty file, a line that is not a JSON
+    object, or a record without an ``"arch"`` object raises ``utils.UserError``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise utils.UserError(f"{path}: no such file (has the search finished an epoch?)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise utils.UserError(f"{path}: cannot read: {error}") from None
+    history: List[Dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise utils.UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise utils.UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        if not isinstance(record.get("arch"), dict):
+            raise utils.UserError(f"{path}:{number}: no \"arch\" object")
+        history.append(record)
+    if not history:
+        raise utils.UserError(f"{path}: empty, no epoch recorded")
+    return history
+
+
+def _epochs(history: Sequence[Dict[str, Any]]) -> List[Any]:
+    """The epoch label of each record (its ``"epoch"`` field, else its 1-based position)."""
+    return [record.get("epoch", index + 1) for index, record in enumerate(history)]
+
+
+def _as_matrix(value: Any, param: str, epoch: Any) -> np.ndarray:
+    """One epoch's value of a parameter as a float array of 1 or 2 dimensions."""
+    try:
+        array = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim not in (1, 2) or array.size == 0:
+        raise utils.UserError(f"epoch {epoch}: arch.{param} is not a non-empty list (of lists) of numbers")
+    return array
+
+
+def collect_params(history: Sequence[Dict[str, Any]]) -> Dict[str, Tuple[np.ndarray, List[str]]]:
+    """Every architecture parameter found in the history, in first-seen order.
+
+    Returns ``{param: (values, candidate_names)}`` where ``values`` has shape
+    ``(epochs, edges, candidates)`` for per-edge parameters and ``(epochs, candidates)``
+    for per-cell ones; epochs where the parameter is absent are NaN."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    names: Dict[str, List[str]] = {}
+    per_epoch: List[Dict[str, np.ndarray]] = []
+    for record, epoch in zip(history, _epochs(history)):
+        arrays = {}
+        for param, value in record["arch"].items():
+            if not _PARAM_NAME.match(str(param)):
+                raise utils.UserError(f"epoch {epoch}: unusable parameter name {param!r}")
+            array = _as_matrix(value, param, epoch)
+            if param not in shapes:
+                shapes[param] = array.shape
+            elif shapes[param] != array.shape:
+                raise utils.UserError(f"epoch {epoch}: arch.{param} has shape {list(array.shape)}, "
+                                      f"earlier epochs {list(shapes[param])}")
+            arrays[param] = array
+            candidates = (record.get("candidates") or {}).get(param)
+            if candidates is not None and param not in names:
+                if not isinstance(candidates, list) or len(candidates) != array.shape[-1]:
+                    raise utils.UserError(f"epoch {epoch}: candidates.{param} does not list "
+                                          f"{array.shape[-1]} names")
+                names[param] = [str(name) for name in candidates]
+        per_epoch.append(arrays)
+    params: Dict[str, Tuple[np.ndarray, List[str]]] = {}
+    for param, shape in shapes.items():
+        values = np.full((len(history),) + shape, np.nan)
+        for index, arrays in enumerate(per_epoch):
+            if param in arrays:
+                values[index] = arrays[param]
+        params[param] = (values, names.get(param, [str(k) for k in range(shape[-1])]))
+    return params
+
+
+# -- plotting ------------------------------------------------------------------------
+
+def _save(fig: Figure, path: str) -> None:
+    """Write a figure as PNG atomically: temporary file in the same folder, then rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas (no display, no pyplot global state)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _edge_layout(num_edges: int) -> Optional[List[Tuple[int, int]]]:
+    """``(node, input)`` of each edge when ``num_edges`` fits a DARTS cell, else None."""
+    pairs: List[Tuple[int, int]] = []
+    node = 0
+    while len(pairs) < num_edges:
+        pairs.extend((node, source) for source in range(node + 2))
+        node += 1
+    return pairs if len(pairs) == num_edges else None
+
+
+def _source_name(source: int) -> str:
+    return f"input {source}" if source < 2 else f"input {source} (node {source - 2})"
+
+
+def _epoch_ticks(ax: Any, epochs: Sequence[Any]) -> None:
+    """At most ~6 x ticks, placed on columns and labelled with the epoch numbers."""
+    count = len(epochs)
+    positions = sorted(set(np.linspace(0, count - 1, num=min(count, 6)).round().astype(int).tolist()))
+    ax.set_xticks(positions)
+    ax.set_xticklabels([str(epochs[p]) for p in positions], fontsize=7)
+
+
+def _heatmap(ax: Any, matrix: np.ndarray, epochs: Sequence[Any], names: Sequence[str],
+             show_names: bool) -> Any:
+    """Draw ``matrix`` (candidates x epochs) on ``ax`` with the shared 0..1 colour scale."""
+    image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest",
+                      cmap=CMAP, vmin=0.0, vmax=1.0)
+    ax.set_yticks(range(len(names)))
+    if show_names:
+        ax.set_yticklabels(names, fontsize=7)
+    else:
+        ax.set_yticklabels([])
+    _epoch_ticks(ax, epochs)
+    ax.tick_params(length=2)
+    return image
+
+
+def plot_edges(values: np.ndarray, names: Sequence[str], epochs: Sequence[Any], param: str,
+               path: str) -> None:
+    """One heatmap per edge of a per-edge parameter (values: epochs x edges x candidates)."""
+    num_edges = values.shape[1]
+    layout = _edge_layout(num_edges)
+    if layout is not None:
+        rows, cols = layout[-1][0] + 1, layout[-1][0] + 2
+        cells = layout
+    else:
+        cols = min(num_edges, 5)
+        rows = math.ceil(num_edges / cols)
+        cells = [(k // cols, k % cols) for k in range(num_edges)]
+    row_height = max(1.5, 0.17 * len(names) + 0.9)
+    fig = _new_figure(1.4 + 2.3 * cols, 0.6 + row_height * rows)
+    grid = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    used = set()
+    image = None
+    for edge, (row, col) in enumerate(cells):
+        ax = grid[row, col]
+        used.add((row, col))
+        image = _heatmap(ax, values[:, edge, :].T, epochs, names, show_names=col == 0)
+        title = f"node {row} \u2190 {_source_name(col)}" if layout is not None else f"edge {edge}"
+        ax.set_title(title, fontsize=8)
+        if row == rows - 1:
+            ax.set_xlabel("epoch", fontsize=7)
+    for row in range(rows):
+        for col in range(cols):
+            if (row, col) not in used:
+                grid[row, col].remove()
+    axes = [grid[r, c] for r, c in sorted(used)]
+    fig.colorbar(image, ax=axes, shrink=0.6, label="softmax weight")
+    fig.suptitle(f"{param}: softmaxed weight per edge (rows: candidates, columns: epochs)", fontsize=10)
+    _save(fig, path)
+
+
+def plot_cell(values: np.ndarray, names: Sequence[str], epochs: Sequence[Any], param: str,
+              path: str) -> None:
+    """One heatmap candidates x epochs of a per-cell parameter (values: epochs x candidates)."""
+    fig = _new_figure(7.0, max(2.8, 0.3 * len(names) + 1.6))
+    ax = fig.subplots()
+    image = _heatmap(ax, values.T, epochs, names, show_names=True)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel("candidate", fontsize=8)
+    fig.colorbar(image, ax=ax, label="softmax weight")
+    fig.suptitle(f"{param}: softmaxed weight (rows: candidates, columns: epochs)", fontsize=10)
+    _save(fig, path)
+
+
+def _series(history: Sequence[Dict[str, Any]], key: str) -> np.ndarray:
+    """A metric per epoch as floats, NaN where it is missing or not a number."""
+    out = []
+    for record in history:
+        value = record.get(key)
+        out.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
+                   else math.nan)
+    return np.asarray(out, dtype=float)
+
+
+def plot_curves(history: Sequence[Dict[str, Any]], path: str) -> None:
+    """Accuracy, loss and (if logged) learning rate over the epochs."""
+    epochs = np.asarray([e if isinstance(e, (int, float)) else i + 1
+                         for i, e in enumerate(_epochs(history))], dtype=float)
+    series = {key: _series(history, key) for key in _METRICS}
+    panels = [("accuracy (%)", ("train_acc", "valid_acc")), ("loss", ("train_loss", "valid_loss"))]
+    if not np.all(np.isnan(series["lr"])):
+        panels.append(("learning rate", ("lr",)))
+    fig = _new_figure(4.2 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, keys) in zip(axes, panels):
+        drawn = False
+        for key in keys:
+            if np.all(np.isnan(series[key])):
+                continue
+            ax.plot(epochs, series[key], marker="o", markersize=3, label=key.split("_")[0])
+            drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        elif len(keys) > 1:
+            ax.legend(fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.suptitle("search metrics", fontsize=11)
+    _save(fig, path)
+
+
+def plot_history(history: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
+    """Write ``<param>.png`` for every architecture parameter and ``curves.png``.
+
+    Returns the paths written, parameters first (in first-seen order), curves last."""
+    if not history:
+        raise utils.UserError("empty history: nothing to plot")
+    params = collect_params(history)
+    epochs = _epochs(history)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise utils.UserError(f"{out_dir}: cannot create the output folder: {error}") from None
+    written: List[str] = []
+    try:
+        for param, (values, names) in params.items():
+            path = os.path.join(out_dir, f"{param}.png")
+            if values.ndim == 3:
+                plot_edges(values, names, epochs, param, path)
+            else:
+                plot_cell(values, names, epochs, param, path)
+            written.append(path)
+        path = os.path.join(out_dir, "curves.png")
+        plot_curves(history, path)
+        written.append(path)
+    except OSError as error:
+        raise utils.UserError(f"{out_dir}: cannot write a plot: {error}") from None
+    return written
+
+
+def main() -> None:
+    args = parse_args()
+    if not os.path.isdir(args.run_dir):
+        raise utils.UserError(f"{args.run_dir}: not a directory")
+    history = read_history(os.path.join(args.run_dir, HISTORY_NAME))
+    out_dir = args.out_dir if args.out_dir is not None else os.path.join(args.run_dir, "plots")
+    for path in plot_history(history, out_dir):
+        print(path)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

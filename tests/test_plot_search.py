@@ -1,0 +1,158 @@
+"""plot_search.py: heatmaps of the architecture-parameter history and the metric curves."""
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from genotypes import ATTN_PRIMITIVES, PRIMITIVES  # noqa: E402
+
+EDGES = 14
+MIXED = PRIMITIVES + [name for name in ATTN_PRIMITIVES if name != "Identity"]  # 13 candidates
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _history(epochs: int, first: list, second: list = None, gammas: bool = False, seed: int = 0) -> list:
+    """Synthetic records shaped like the search script's, weights drifting over epochs."""
+    rng = np.random.default_rng(seed)
+    drift = {}
+    records = []
+    for epoch in range(1, epochs + 1):
+        arch, candidates = {}, {}
+        for cell in ("normal", "reduce"):
+            sets = [("alphas", first, (EDGES, len(first)))]
+            if second:
+                sets.append(("betas", second, (EDGES, len(second))))
+            if gammas:
+                sets.append(("gammas", ATTN_PRIMITIVES, (len(ATTN_PRIMITIVES),)))
+            for prefix, names, shape in sets:
+                key = f"{prefix}_{cell}"
+                drift.setdefault(key, rng.normal(size=shape))
+                arch[key] = _softmax(drift[key] * epoch).tolist()
+                candidates[key] = list(names)
+        records.append({
+            "epoch": epoch, "lr": 0.025 * (1 - epoch / (epochs + 1)),
+            "train_acc": 30.0 + 5 * epoch, "train_loss": 2.0 - 0.2 * epoch,
+            "valid_acc": 28.0 + 4 * epoch, "valid_loss": 2.1 - 0.15 * epoch,
+            "genotype": {"normal": [["sep_conv_3x3", 0, "CBAM"]] * 8, "normal_concat": [2, 3, 4, 5],
+                         "reduce": [["max_pool_3x3", 1, "SE"]] * 8, "reduce_concat": [2, 3, 4, 5],
+                         "normal_bottleneck": "SE" if gammas else "",
+                         "reduce_bottleneck": "BAM" if gammas else ""},
+            "arch": arch, "candidates": candidates,
+        })
+    return records
+
+
+def _write(run_dir: pathlib.Path, records: list) -> pathlib.Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "arch_history.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return run_dir
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "plot_search.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _check_png(path: pathlib.Path) -> None:
+    assert path.is_file(), f"missing {path.name}"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+        assert width > 200 and height > 200, (path.name, image.size)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is None or len(colours) > 10, f"{path.name} is (nearly) one colour"
+
+
+@pytest.mark.parametrize("kind", ["after_every", "after_every_and_end", "mixed_with_operation"])
+def test_cli_writes_every_plot(tmp_path, kind):
+    if kind == "after_every":
+        records, params = _history(3, PRIMITIVES, ATTN_PRIMITIVES), ["alphas", "betas"]
+    elif kind == "after_every_and_end":
+        records, params = _history(3, PRIMITIVES, ATTN_PRIMITIVES, gammas=True), ["alphas", "betas", "gammas"]
+    else:
+        records, params = _history(3, MIXED), ["alphas"]
+    run_dir = _write(tmp_path / "run", records)
+    result = _run(run_dir)
+    assert result.returncode == 0, result.stderr
+    out = run_dir / "plots"
+    expected = {f"{p}_{cell}.png" for p in params for cell in ("normal", "reduce")} | {"curves.png"}
+    assert {p.name for p in out.iterdir()} == expected  # no temporary files left behind
+    for name in expected:
+        _check_png(out / name)
+
+
+def test_out_dir_and_single_epoch(tmp_path):
+    run_dir = _write(tmp_path / "run", _history(1, PRIMITIVES, ATTN_PRIMITIVES, gammas=True))
+    out = tmp_path / "elsewhere" / "figs"
+    result = _run(run_dir, "--out_dir", out)
+    assert result.returncode == 0, result.stderr
+    assert not (run_dir / "plots").exists()
+    for name in ("alphas_normal.png", "betas_reduce.png", "gammas_normal.png", "curves.png"):
+        _check_png(out / name)
+
+
+def test_import_api(tmp_path):
+    import plot_search
+
+    records = _history(2, MIXED, MIXED)
+    del records[1]["lr"]
+    run_dir = _write(tmp_path / "run", records)
+    history = plot_search.read_history(str(run_dir / "arch_history.jsonl"))
+    assert [r["epoch"] for r in history] == [1, 2]
+    written = plot_search.plot_history(history, str(tmp_path / "out"))
+    assert [pathlib.Path(p).name for p in written] == [
+        "alphas_normal.png", "betas_normal.png", "alphas_reduce.png", "betas_reduce.png", "curves.png"]
+    for path in written:
+        _check_png(pathlib.Path(path))
+
+
+def _assert_user_error(result: subprocess.CompletedProcess, needle: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0]
+
+
+def test_missing_history(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _assert_user_error(_run(run_dir), "arch_history.jsonl")
+
+
+def test_malformed_line(tmp_path):
+    run_dir = _write(tmp_path / "run", _history(2, PRIMITIVES, ATTN_PRIMITIVES))
+    with open(run_dir / "arch_history.jsonl", "a") as f:
+        f.write('{"epoch": 3, "arch": {\n')
+    result = _run(run_dir)
+    _assert_user_error(result, "arch_history.jsonl:3")
+    assert not (run_dir / "plots").exists() or not any((run_dir / "plots").iterdir())
+
+
+def test_empty_history(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "arch_history.jsonl").write_text("\n")
+    _assert_user_error(_run(run_dir), "arch_history.jsonl")
+
+
+def test_inconsistent_shapes_is_user_error(tmp_path):
+    records = _history(2, PRIMITIVES, ATTN_PRIMITIVES)
+    records[1]["arch"]["alphas_normal"] = records[1]["arch"]["alphas_normal"][:5]
+    _assert_user_error(_run(_write(tmp_path / "run", records)), "alphas_normal")
