@@ -48,7 +48,8 @@ def read_history(path: str) -> List[Dict[str, Any]]:
     """The epoch records of an ``arch_history.jsonl`` file, in file order.
 
     Blank lines are skipped; a missing or empty file, a line that is not a JSON
-    object, or a record without an ``"arch"`` object raises ``utils.UserError``."""
+    object, a record without an ``"arch"`` object, or architecture parameters whose
+    shapes or candidate lists do not fit raise ``utils.UserError``."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
@@ -71,6 +72,10 @@ def read_history(path: str) -> List[Dict[str, Any]]:
         history.append(record)
     if not history:
         raise utils.UserError(f"{path}: empty, no epoch recorded")
+    try:
+        collect_params(history)  # shapes and candidate names, reported against this file
+    except utils.UserError as error:
+        raise utils.UserError(f"{path}: {error}") from None
     return history
 
 
@@ -144,9 +149,9 @@ def _save(fig: Figure, path: str) -> None:
         raise
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def _new_figure(width: float, height: float, layout: Optional[str] = "constrained") -> Figure:
     """A figure on the Agg canvas (no display, no pyplot global state)."""
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -165,26 +170,39 @@ def _source_name(source: int) -> str:
     return f"input {source}" if source < 2 else f"input {source} (node {source - 2})"
 
 
-def _epoch_ticks(ax: Any, epochs: Sequence[Any]) -> None:
-    """At most ~6 x ticks, placed on columns and labelled with the epoch numbers."""
-    count = len(epochs)
-    positions = sorted(set(np.linspace(0, count - 1, num=min(count, 6)).round().astype(int).tolist()))
-    ax.set_xticks(positions)
-    ax.set_xticklabels([str(epochs[p]) for p in positions], fontsize=7)
+def _consecutive(epochs: Sequence[Any]) -> bool:
+    """Whether the epoch labels are consecutive integers (the usual case)."""
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in epochs):
+        return False
+    return list(epochs) == list(range(epochs[0], epochs[0] + len(epochs)))
 
 
 def _heatmap(ax: Any, matrix: np.ndarray, epochs: Sequence[Any], names: Sequence[str],
              show_names: bool) -> Any:
-    """Draw ``matrix`` (candidates x epochs) on ``ax`` with the shared 0..1 colour scale."""
+    """Draw ``matrix`` (candidates x epochs) on ``ax`` with the shared 0..1 colour scale.
+
+    Columns sit at their epoch numbers when these are consecutive integers; otherwise
+    at their positions, with at most ~6 ticks labelled by the epoch values."""
+    rows = len(names)
+    if _consecutive(epochs):
+        extent = (epochs[0] - 0.5, epochs[-1] + 0.5, rows - 0.5, -0.5)
+    else:
+        extent = (-0.5, len(epochs) - 0.5, rows - 0.5, -0.5)
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest",
-                      cmap=CMAP, vmin=0.0, vmax=1.0)
-    ax.set_yticks(range(len(names)))
+                      cmap=CMAP, vmin=0.0, vmax=1.0, extent=extent)
+    ax.set_yticks(range(rows))
     if show_names:
         ax.set_yticklabels(names, fontsize=7)
     else:
         ax.set_yticklabels([])
-    _epoch_ticks(ax, epochs)
-    ax.tick_params(length=2)
+    if _consecutive(epochs):
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True, min_n_ticks=1))
+    else:
+        count = len(epochs)
+        positions = sorted(set(np.linspace(0, count - 1, num=min(count, 6)).round().astype(int).tolist()))
+        ax.set_xticks(positions)
+        ax.set_xticklabels([str(epochs[p]) for p in positions])
+    ax.tick_params(length=2, labelsize=7)
     return image
 
 
@@ -200,26 +218,30 @@ def plot_edges(values: np.ndarray, names: Sequence[str], epochs: Sequence[Any], 
         cols = min(num_edges, 5)
         rows = math.ceil(num_edges / cols)
         cells = [(k // cols, k % cols) for k in range(num_edges)]
-    row_height = max(1.5, 0.17 * len(names) + 0.9)
-    fig = _new_figure(1.4 + 2.3 * cols, 0.6 + row_height * rows)
-    grid = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
-    used = set()
+    # Fixed layout in inches (much cheaper than constrained layout with 14 axes):
+    # candidate names on the left, a colorbar on the right, titles and ticks between rows.
+    panel_w, panel_h = 2.1, max(1.0, 0.17 * len(names) + 0.2)
+    left = 0.35 + 0.062 * max(len(name) for name in names)
+    right, top, bottom, wgap, hgap = 1.2, 0.55, 0.5, 0.15, 0.55
+    width = left + cols * panel_w + (cols - 1) * wgap + right
+    height = bottom + rows * panel_h + (rows - 1) * hgap + top
+    fig = _new_figure(width, height, layout=None)
+    grid = fig.add_gridspec(rows, cols, left=left / width, right=1 - right / width,
+                            bottom=bottom / height, top=1 - top / height,
+                            wspace=wgap / panel_w, hspace=hgap / panel_h)
     image = None
     for edge, (row, col) in enumerate(cells):
-        ax = grid[row, col]
-        used.add((row, col))
+        ax = fig.add_subplot(grid[row, col])
         image = _heatmap(ax, values[:, edge, :].T, epochs, names, show_names=col == 0)
         title = f"node {row} \u2190 {_source_name(col)}" if layout is not None else f"edge {edge}"
         ax.set_title(title, fontsize=8)
         if row == rows - 1:
             ax.set_xlabel("epoch", fontsize=7)
-    for row in range(rows):
-        for col in range(cols):
-            if (row, col) not in used:
-                grid[row, col].remove()
-    axes = [grid[r, c] for r, c in sorted(used)]
-    fig.colorbar(image, ax=axes, shrink=0.6, label="softmax weight")
-    fig.suptitle(f"{param}: softmaxed weight per edge (rows: candidates, columns: epochs)", fontsize=10)
+    bar_h = min(4.0, 0.6 * (height - top - bottom))
+    cax = fig.add_axes([(width - right + 0.3) / width, (height - bar_h) / 2 / height,
+                        0.18 / width, bar_h / height])
+    fig.colorbar(image, cax=cax, label="softmax weight")
+    fig.suptitle(f"{param}: softmaxed weight per edge (rows: candidates, columns: epochs)", fontsize=10, y=1 - 0.15 / height)
     _save(fig, path)
 
 
@@ -269,8 +291,7 @@ def plot_curves(history: Sequence[Dict[str, Any]], path: str) -> None:
             ax.legend(fontsize=8)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        ax.set_title(label, fontsize=10)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     fig.suptitle("search metrics", fontsize=11)
     _save(fig, path)

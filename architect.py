@@ -1,0 +1,155 @@
+"""The architecture step of the bilevel search (SPEC §7).
+
+First order:  grad_A L_val(w, A).
+Second order: grad_A L_val(w', A) - xi * [grad_A L_train(w+, A) - grad_A L_train(w-, A)] / (2 eps)
+with the virtual step w' = w - xi (mu m + grad_w L_train(w, A) + lambda w) taken
+exactly as the weight optimizer would (its momentum buffers and weight decay),
+w+- = w +- eps v, v = grad_w' L_val(w', A), eps = 0.01 / |v|.
+
+Everything runs through ``torch.func.functional_call`` on the one network: no
+copy of the model is built per step.  The architecture parameters are never in
+the weight optimizer, never moved by the virtual step, never perturbed.  BN
+running statistics are those of the weight step: these forwards use a scratch
+copy of the buffers.  Under torchrun every gradient is averaged over processes
+and the new A is broadcast from rank 0, so all ranks hold bit-identical A.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from model_search import Network
+from parallel import all_reduce_mean_, broadcast_, unwrap
+from precision import Precision
+
+Tensors = Dict[str, torch.Tensor]
+
+
+class Architect:
+    def __init__(self, model: nn.Module, weight_optimizer: torch.optim.SGD, arch_lr: float,
+                 arch_wd: float, unrolled: bool, precision: Optional[Precision] = None):
+        """``model``: the supernet, bare or wrapped (DataParallel runs the step on all
+        GPUs; under DDP the bare network runs and gradients are reduced here)."""
+        self.network: Network = unwrap(model)
+        # DataParallel can run functional_call itself (it replicates the swapped-in
+        # tensors); DDP's forward would sync buffers, so it is bypassed.
+        self._module = model if isinstance(model, nn.DataParallel) else self.network
+        self._prefix = "module." if isinstance(model, nn.DataParallel) else ""
+        self.weight_optimizer = weight_optimizer
+        self.unrolled = unrolled
+        self.precision = precision
+        self.optimizer = torch.optim.Adam(self.network.arch_parameters(), lr=arch_lr,
+                                          betas=(0.5, 0.999), weight_decay=arch_wd)
+        self._weight_names = [name for name, _ in self.network.named_weights()]
+        self._arch_names = list(self.network.named_arch_parameters())
+
+    # -- functional forward -------------------------------------------------------
+    def _loss(self, weights: Tensors, arch: Tensors, buffers: Tensors,
+              x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        tensors = {self._prefix + k: v for group in (weights, arch, buffers) for k, v in group.items()}
+        autocast = self.precision.autocast() if self.precision else torch.autocast("cpu", enabled=False)
+        with autocast:
+            logits = functional_call(self._module, tensors, (x,))
+        loss = self.network._criterion(logits.float(), target)
+        return loss * self._loss_scale()
+
+    def _loss_scale(self) -> float:
+        """float16 gradients need the loss scaled up against underflow."""
+        if self.precision is not None and self.precision.scaler.is_enabled():
+            return float(self.precision.scaler.get_scale())
+        return 1.0
+
+    def _grad(self, loss: torch.Tensor, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+        scale = self._loss_scale()
+        grads = torch.autograd.grad(loss, inputs)
+        return [g / scale for g in grads] if scale != 1.0 else list(grads)
+
+    def _current(self) -> Tuple[Tensors, Tensors, Tensors]:
+        weights = dict(self.network.named_weights())
+        arch = self.network.named_arch_parameters()
+        # Scratch running statistics: the weight step alone updates the real ones.
+        buffers = {k: b.clone() for k, b in self.network.named_buffers()}
+        return weights, arch, buffers
+
+    # -- gradients ------------------------------------------------------------------
+    def first_order_gradient(self, x_valid: torch.Tensor, y_valid: torch.Tensor) -> List[torch.Tensor]:
+        """grad_A L_val(w, A) (weights detached: no weight gradients are computed)."""
+        weights, arch, buffers = self._current()
+        detached = {k: w.detach() for k, w in weights.items()}
+        loss = self._loss(detached, arch, buffers, x_valid, y_valid)
+        grads = self._grad(loss, list(arch.values()))
+        all_reduce_mean_(grads)
+        return grads
+
+    @torch.no_grad()
+    def virtual_weights(self, weights: Tensors, train_grads: List[torch.Tensor], lr: float) -> Tensors:
+        """w' = w - xi (mu m + g + lambda w), with the SGD optimizer's own momentum
+        buffers (zero before its first step) and weight decay."""
+        group = self.weight_optimizer.param_groups[0]
+        momentum, weight_decay = group["momentum"], group["weight_decay"]
+        virtual = {}
+        for (name, w), g in zip(weights.items(), train_grads):
+            step = g + weight_decay * w
+            buffer = self.weight_optimizer.state.get(w, {}).get("momentum_buffer")
+            if buffer is not None:
+                step = step + momentum * buffer
+            virtual[name] = (w - lr * step).requires_grad_(True)
+        return virtual
+
+    def second_order_gradient(self, x_train: torch.Tensor, y_train: torch.Tensor,
+                              x_valid: torch.Tensor, y_valid: torch.Tensor,
+                              lr: float) -> List[torch.Tensor]:
+        weights, arch, buffers = self._current()
+        frozen_arch = {k: a.detach() for k, a in arch.items()}
+
+        # Virtual step from the training loss (weight gradients only).
+        loss = self._loss(weights, frozen_arch, buffers, x_train, y_train)
+        train_grads = self._grad(loss, list(weights.values()))
+        all_reduce_mean_(train_grads)
+        virtual = self.virtual_weights(weights, train_grads, lr)
+        del train_grads
+
+        # Validation loss at w': gradients for A and for w' (the Hessian direction).
+        loss = self._loss(virtual, arch, buffers, x_valid, y_valid)
+        grads = self._grad(loss, list(arch.values()) + list(virtual.values()))
+        arch_grads, direction = grads[:len(arch)], grads[len(arch):]
+        all_reduce_mean_(grads)
+        del virtual, grads
+
+        hessian_term = self.hessian_vector_product(weights, arch, buffers, direction, x_train, y_train)
+        return [g - lr * h for g, h in zip(arch_grads, hessian_term)]
+
+    def hessian_vector_product(self, weights: Tensors, arch: Tensors, buffers: Tensors,
+                               direction: List[torch.Tensor], x: torch.Tensor,
+                               target: torch.Tensor) -> List[torch.Tensor]:
+        """(grad_A L_train(w + eps v, A) - grad_A L_train(w - eps v, A)) / (2 eps)
+        ~ d^2 L_train / dA dw . v, with eps = 0.01 / |v|."""
+        eps = 0.01 / torch.cat([d.flatten() for d in direction]).norm()
+        with torch.no_grad():
+            plus = {k: w + eps * d for (k, w), d in zip(weights.items(), direction)}
+        grads_plus = self._grad(self._loss(plus, arch, buffers, x, target), list(arch.values()))
+        del plus
+        with torch.no_grad():
+            minus = {k: w - eps * d for (k, w), d in zip(weights.items(), direction)}
+        grads_minus = self._grad(self._loss(minus, arch, buffers, x, target), list(arch.values()))
+        del minus
+        difference = [p - m for p, m in zip(grads_plus, grads_minus)]
+        all_reduce_mean_(difference)
+        return [d / (2 * eps) for d in difference]
+
+    # -- the step -------------------------------------------------------------------
+    def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor,
+             y_valid: torch.Tensor, lr: float) -> None:
+        """One Adam step on A.  ``lr`` is the weight optimizer's current learning rate."""
+        if self.unrolled:
+            grads = self.second_order_gradient(x_train, y_train, x_valid, y_valid, lr)
+        else:
+            grads = self.first_order_gradient(x_valid, y_valid)
+        if not all(torch.isfinite(g).all() for g in grads):
+            return  # float16 overflow: skip this update, as GradScaler would
+        for param, grad in zip(self.network.arch_parameters(), grads):
+            param.grad = grad
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        broadcast_(self.network.arch_parameters())
