@@ -33,6 +33,11 @@ def build_second_layer(name: str, C: int, height: int, width: int) -> nn.Module:
     return build_attention(name or "Identity", C, height, width)
 
 
+def passes_through(name: str, stride: int) -> bool:
+    """True when an edge element returns its input unchanged (never drop-pathed)."""
+    return is_identity_op(name, stride) or (name == "Identity" and stride == 1)
+
+
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
     """Drop whole samples of an edge's output with probability ``drop_prob``."""
     keep_prob = 1.0 - drop_prob
@@ -71,9 +76,8 @@ class Cell(nn.Module):
             stride = 2 if reduction and index < 2 else 1
             self._first_layers.append(build_first_layer(op_name, C, stride, height, width))
             self._second_layers.append(build_second_layer(attention_name, C, height, width))
-            self._droppable.append(not is_identity_op(op_name, stride)
-                                   and attention_name != "Identity"
-                                   and not is_identity_op(attention_name, 1))
+            self._droppable.append(not passes_through(op_name, stride)
+                                   and not passes_through(attention_name, 1))
         self._bottleneck = (build_attention(bottleneck, C * self.multiplier, height, width)
                             if bottleneck else None)
 

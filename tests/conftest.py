@@ -1,0 +1,40 @@
+"""Shared test setup: the repository root on sys.path and the ../shared folder.
+
+Tests needing files from ../shared take one of the fixtures below; they skip
+(with the reason) when the folder or file is absent.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (the shared folder ../shared is absent or incomplete)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared folder beside the repository (``REPO/../shared``)."""
+    return _require(SHARED, "shared folder")
+
+
+@pytest.fixture(scope="session")
+def reference_state_dict_json(shared_dir) -> Path:
+    """Keys and shapes of NetworkCIFAR(36, 10, 20, True, Att_DARTS)'s state_dict."""
+    return _require(shared_dir / "reference" / "state_dict_cifar10_Att_DARTS.json",
+                    "reference state_dict listing")
+
+
+@pytest.fixture(scope="session")
+def cifar_mini(shared_dir) -> Path:
+    """The small CIFAR-10 ImageFolder tree (train/ and val/ with one folder per class)."""
+    return _require(shared_dir / "data" / "cifar10-mini", "cifar10-mini data set")

@@ -1,0 +1,370 @@
+"""The search supernet (SPEC §3)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
+from model import NetworkCIFAR
+from model_search import AttLocation, MixedOp, Network, build_candidate
+from operations import FactorizedReduce, Zero
+
+LOCATIONS = ["after_every", "end", "after_every_and_end", "mixed_with_operation",
+             "double_mixed", "no_attention"]
+NUM_EDGES = 14
+OPS_AND_ATTNS = PRIMITIVES + [a for a in ATTN_PRIMITIVES if a != "Identity"]
+
+# SPEC §3 table: (alphas columns, betas columns or None, has gammas)
+ARCH_SHAPES = {
+    "after_every": (8, 6, False),
+    "end": (8, None, True),
+    "after_every_and_end": (8, 6, True),
+    "mixed_with_operation": (13, None, False),
+    "double_mixed": (13, 13, False),
+    "no_attention": (8, None, False),
+}
+
+
+@pytest.fixture(scope="module")
+def supernets():
+    """One default-size supernet per location, built once (lazily)."""
+    cache = {}
+
+    def get(location):
+        if location not in cache:
+            torch.manual_seed(0)
+            cache[location] = Network(16, 10, 8, nn.CrossEntropyLoss(), location)
+        return cache[location]
+    return get
+
+
+def _small(location, C=4, layers=3):
+    torch.manual_seed(0)
+    return Network(C, 10, layers, nn.CrossEntropyLoss(), location)
+
+
+def test_location_values():
+    assert [loc.value for loc in AttLocation] == LOCATIONS
+
+
+@pytest.mark.parametrize("text", LOCATIONS)
+def test_location_parses_and_prints(text):
+    loc = AttLocation.parse(text)
+    assert isinstance(loc, AttLocation)
+    assert str(loc) == text
+    assert AttLocation.parse(loc) is loc
+    assert f"{loc}" == text
+
+
+def test_unknown_location_lists_valid_ones():
+    with pytest.raises(ValueError) as info:
+        AttLocation.parse("everywhere")
+    message = str(info.value)
+    assert "everywhere" in message
+    for text in LOCATIONS:
+        assert text in message
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_forward_backward(location, supernets):
+    net = supernets(location)
+    net.train()
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.tensor([3, 7])
+    logits = net(x)
+    assert logits.shape == (2, 10)
+    loss = net.loss(x, target)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in net.named_arch_parameters().items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    weights = list(net.named_weights())
+    assert all(p.grad is not None for _, p in weights if p.requires_grad)
+    assert net.classifier.weight.grad.abs().sum() > 0
+    assert net.stem[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_arch_parameter_shapes(location, supernets):
+    net = supernets(location)
+    first, second, gammas = ARCH_SHAPES[location]
+    expected = {"alphas_normal": (NUM_EDGES, first), "alphas_reduce": (NUM_EDGES, first)}
+    if second is not None:
+        expected.update(betas_normal=(NUM_EDGES, second), betas_reduce=(NUM_EDGES, second))
+    if gammas:
+        expected.update(gammas_normal=(6,), gammas_reduce=(6,))
+    got = {name: tuple(p.shape) for name, p in net.named_arch_parameters().items()}
+    assert got == expected
+    assert len(net.arch_parameters()) == len(expected)
+    for p in net.arch_parameters():
+        # initialised as 1e-3 * N(0, 1)
+        assert 0 < p.detach().abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_arch_parameters_are_not_weights(location, supernets):
+    net = supernets(location)
+    arch_ids = {id(p) for p in net.arch_parameters()}
+    weight_ids = {id(p) for p in net.weights()}
+    assert arch_ids and weight_ids
+    assert not arch_ids & weight_ids
+    assert arch_ids | weight_ids == {id(p) for p in net.parameters()}
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_none_op_is_never_built(location, supernets):
+    net = supernets(location)
+    assert not any(isinstance(m, Zero) for m in net.modules())
+    mixed = [m for m in net.modules() if isinstance(m, MixedOp)]
+    assert mixed
+    first, second, gammas = ARCH_SHAPES[location]
+    sizes = {len(m._ops) for m in mixed}
+    expected = {first - 1}
+    if second is not None:
+        expected.add(second - 1 if second == 13 else second)   # 13 = with `none`
+    if gammas:
+        expected.add(6)
+    assert sizes == expected
+
+
+def test_supernet_attentions_use_the_cell_spatial_size(supernets):
+    net = supernets("after_every")
+    # GE_theta-plus gathers over the whole map: 32x32, 16x16 from the first reduction, then 8x8.
+    expected = [32, 32, 16, 16, 16, 8, 8, 8]
+    for cell, size in zip(net.cells, expected):
+        gathers = {m.kernel_size for m in cell.modules()
+                   if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1
+                   and m.kernel_size[0] > 7}
+        assert gathers == {(size, size)}
+
+
+def test_reduction_cells_and_widths(supernets):
+    net = supernets("after_every")
+    assert [cell.reduction for cell in net.cells] == [i in (2, 5) for i in range(8)]
+    assert net.classifier.in_features == 4 * 64
+    assert net.stem[0].out_channels == 48
+
+
+@pytest.mark.parametrize("location", ["no_attention", "after_every_and_end", "double_mixed"])
+def test_only_attention_batchnorms_are_affine_in_cells(location, supernets):
+    net = supernets(location)
+    assert net.stem[1].affine
+    for cell in net.cells:
+        bns = [(name, m) for name, m in cell.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert bns
+        for name, m in bns:
+            assert m.affine == ("._mask." in name), name
+
+
+def test_pooling_candidates_are_followed_by_a_non_affine_bn():
+    x = torch.randn(2, 8, 8, 8)
+    for name in ("max_pool_3x3", "avg_pool_3x3"):
+        for stride in (1, 2):
+            cand = build_candidate(name, 8, stride, 8 // stride, 8 // stride)
+            bns = [m for m in cand.modules() if isinstance(m, nn.BatchNorm2d)]
+            assert len(bns) == 1 and not bns[0].affine
+            cand.train()
+            y = cand(x)
+            assert y.shape == (2, 8, 8 // stride, 8 // stride)
+            # normalised per channel over the batch
+            assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(8), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["SE", "BAM", "CBAM", "GE_theta-plus", "DoubleAttention"])
+def test_attention_candidate_on_stride_2_edge_is_preceded_by_a_reduction(name):
+    cand = build_candidate(name, 8, 2, 4, 4)
+    assert isinstance(cand, nn.Sequential)
+    assert isinstance(cand[0], FactorizedReduce) and not cand[0].bn.affine
+    cand.eval()
+    assert cand(torch.randn(2, 8, 8, 8)).shape == (2, 8, 4, 4)
+    same = build_candidate(name, 8, 1, 8, 8)
+    assert not any(isinstance(m, FactorizedReduce) for m in same.modules())
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_derived_genotype_builds_a_final_network(location, supernets):
+    net = supernets(location)
+    saved = [p.detach().clone() for p in net.arch_parameters()]
+    torch.manual_seed(2)
+    try:
+        with torch.no_grad():
+            for p in net.arch_parameters():       # a less uniform architecture
+                p.normal_()
+        g = net.genotype()
+    finally:
+        with torch.no_grad():
+            for p, value in zip(net.arch_parameters(), saved):
+                p.copy_(value)
+    assert isinstance(g, Genotype)
+    assert len(g.normal) == len(g.reduce) == 8
+    assert list(g.normal_concat) == list(g.reduce_concat) == [2, 3, 4, 5]
+    for edges in (g.normal, g.reduce):
+        for k, (op, index, attention) in enumerate(edges):
+            assert op != "none" and attention != "none"
+            assert 0 <= index < k // 2 + 2
+        for node in range(4):
+            assert edges[2 * node][1] != edges[2 * node + 1][1]
+    first, second, gammas = ARCH_SHAPES[location]
+    if second is None:
+        assert all(e[2] == "" for e in g.normal + g.reduce)
+    if not gammas:
+        assert g.normal_bottleneck == "" and g.reduce_bottleneck == ""
+    else:
+        assert g.normal_bottleneck in ATTN_PRIMITIVES and g.reduce_bottleneck in ATTN_PRIMITIVES
+    torch.manual_seed(0)
+    final = NetworkCIFAR(8, 10, 5, True, g)
+    final.train()
+    logits, aux = final(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and aux.shape == (2, 10)
+    final.eval()
+    with torch.no_grad():
+        logits, aux = final(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and aux is None
+
+
+# -- derivation rules on hand-set architecture weights ------------------------------
+
+def _set(net, name, rows):
+    """rows: {edge: {candidate column: value}}; every other entry 0."""
+    p = getattr(net, name)
+    with torch.no_grad():
+        p.zero_()
+        if p.dim() == 1:
+            for col, value in rows.items():
+                p[col] = value
+        else:
+            for edge, cols in rows.items():
+                for col, value in cols.items():
+                    p[edge, col] = value
+
+
+def _nodes(edges):
+    return [sorted(edges[2 * i:2 * i + 2], key=lambda e: e[1]) for i in range(len(edges) // 2)]
+
+
+P = {name: k for k, name in enumerate(PRIMITIVES)}
+A = {name: k for k, name in enumerate(ATTN_PRIMITIVES)}
+M = {name: k for k, name in enumerate(OPS_AND_ATTNS)}
+
+
+def test_derivation_first_and_second_stage():
+    net = _small("after_every")
+    # Edges: node 0 -> 0, 1; node 1 -> 2, 3, 4; node 2 -> 5..8; node 3 -> 9..13.
+    _set(net, "alphas_normal", {
+        # `none` is the largest on edge 0, but it is ignored: sep_conv_3x3 still makes
+        # edge 0 the strongest non-none edge of node 0.
+        0: {P["none"]: 9.0, P["sep_conv_3x3"]: 8.0},
+        1: {P["dil_conv_5x5"]: 1.0},
+        2: {P["max_pool_3x3"]: 2.0},
+        4: {P["skip_connect"]: 3.0},
+        3: {P["none"]: 20.0},                 # strongest `none` only: must not be kept
+        6: {P["avg_pool_3x3"]: 2.0},
+        7: {P["sep_conv_5x5"]: 2.5},
+        9: {P["dil_conv_3x3"]: 4.0},
+        13: {P["sep_conv_3x3"]: 3.5},
+    })
+    _set(net, "betas_normal", {
+        0: {A["CBAM"]: 2.0},
+        1: {A["Identity"]: 3.0},              # Identity may win in the second stage
+        2: {A["DoubleAttention"]: 1.0},
+        4: {A["SE"]: 1.0},
+        6: {A["BAM"]: 1.0},
+        7: {A["GE_theta-plus"]: 1.0},
+        9: {A["SE"]: 1.0, A["CBAM"]: 0.5},
+        13: {A["Identity"]: 1.0},
+    })
+    g = net.genotype()
+    assert _nodes(g.normal) == [
+        [("sep_conv_3x3", 0, "CBAM"), ("dil_conv_5x5", 1, "Identity")],
+        [("max_pool_3x3", 0, "DoubleAttention"), ("skip_connect", 2, "SE")],
+        [("avg_pool_3x3", 1, "BAM"), ("sep_conv_5x5", 2, "GE_theta-plus")],
+        [("dil_conv_3x3", 0, "SE"), ("sep_conv_3x3", 4, "Identity")],
+    ]
+    assert g.normal_bottleneck == "" and g.reduce_bottleneck == ""
+    assert g.normal_concat == [2, 3, 4, 5] and g.reduce_concat == [2, 3, 4, 5]
+
+
+def test_derivation_reduce_cell_uses_its_own_parameters():
+    net = _small("no_attention")
+    _set(net, "alphas_normal", {0: {P["sep_conv_3x3"]: 5.0}, 1: {P["sep_conv_3x3"]: 5.0}})
+    _set(net, "alphas_reduce", {0: {P["max_pool_3x3"]: 5.0}, 1: {P["avg_pool_3x3"]: 5.0},
+                                4: {P["skip_connect"]: 5.0}, 3: {P["dil_conv_3x3"]: 4.0}})
+    g = net.genotype()
+    assert _nodes(g.normal)[0] == [("sep_conv_3x3", 0, ""), ("sep_conv_3x3", 1, "")]
+    assert _nodes(g.reduce)[:2] == [[("max_pool_3x3", 0, ""), ("avg_pool_3x3", 1, "")],
+                                    [("dil_conv_3x3", 1, ""), ("skip_connect", 2, "")]]
+
+
+def test_derivation_strongest_edge_is_listed_first():
+    # as in the original DARTS code: the kept edges of a node, strongest first
+    net = _small("no_attention")
+    _set(net, "alphas_normal", {0: {P["sep_conv_3x3"]: 1.0}, 1: {P["skip_connect"]: 3.0}})
+    g = net.genotype()
+    assert g.normal[:2] == [("skip_connect", 1, ""), ("sep_conv_3x3", 0, "")]
+
+
+def test_derivation_mixed_locations_can_pick_attentions_and_skip_none():
+    net = _small("double_mixed")
+    _set(net, "alphas_normal", {0: {M["CBAM"]: 3.0}, 1: {M["sep_conv_3x3"]: 2.0}})
+    # `none` largest in the second stage of edge 0: ignored, SE wins.
+    _set(net, "betas_normal", {0: {M["none"]: 5.0, M["SE"]: 2.0}, 1: {M["dil_conv_3x3"]: 1.0}})
+    g = net.genotype()
+    assert _nodes(g.normal)[0] == [("CBAM", 0, "SE"), ("sep_conv_3x3", 1, "dil_conv_3x3")]
+    net = _small("mixed_with_operation")
+    _set(net, "alphas_reduce", {0: {M["DoubleAttention"]: 3.0}, 1: {M["none"]: 9.0, M["BAM"]: 8.0}})
+    g = net.genotype()
+    assert _nodes(g.reduce)[0] == [("DoubleAttention", 0, ""), ("BAM", 1, "")]
+
+
+@pytest.mark.parametrize("location", ["end", "after_every_and_end"])
+def test_bottleneck_is_argmax_gamma(location):
+    net = _small(location)
+    _set(net, "gammas_normal", {A["CBAM"]: 1.0, A["SE"]: 0.5})
+    _set(net, "gammas_reduce", {A["Identity"]: 2.0})
+    g = net.genotype()
+    assert g.normal_bottleneck == "CBAM"
+    assert g.reduce_bottleneck == "Identity"
+    assert all(e[2] == "" for e in g.normal) == (location == "end")
+
+
+# -- the architecture step and the weight step --------------------------------------
+
+def test_frozen_architecture_gives_no_grads_to_arch_params():
+    net = _small("after_every_and_end", C=4, layers=3)
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.tensor([0, 1])
+    with net.frozen_architecture():
+        net.loss(x, target).backward()
+        assert all(not p.requires_grad for p in net.arch_parameters())
+    assert all(p.grad is None for p in net.arch_parameters())
+    assert net.classifier.weight.grad is not None
+    assert all(p.requires_grad for p in net.arch_parameters())
+    net.zero_grad(set_to_none=True)
+    net.loss(x, target).backward()
+    assert all(p.grad is not None for p in net.arch_parameters())
+
+
+def test_frozen_architecture_restores_on_error():
+    net = _small("no_attention", C=4, layers=3)
+    with pytest.raises(RuntimeError):
+        with net.frozen_architecture():
+            raise RuntimeError("boom")
+    assert all(p.requires_grad for p in net.arch_parameters())
+
+
+def test_network_accepts_location_strings_and_rejects_unknown():
+    net = _small("end", C=4, layers=3)
+    assert net.location is AttLocation.END
+    with pytest.raises(ValueError, match="after_every"):
+        _small("middle", C=4, layers=3)
+
+
+def test_softmaxed_arch_rows_sum_to_one():
+    net = _small("after_every_and_end", C=4, layers=3)
+    arch = net.softmaxed_arch()
+    assert set(arch) == set(net.named_arch_parameters())
+    for name, rows in arch.items():
+        rows = torch.tensor(rows)
+        assert torch.allclose(rows.sum(dim=-1), torch.ones(rows.shape[:-1]), atol=1e-6), name
