@@ -5,13 +5,14 @@ image folder: ``DIR/train/<class>/*`` plus ``DIR/test/`` or ``DIR/val/`` for the
 held-out split.  Folders let users search and train on their own images (and let
 the tests run offline).  Loaders always shard through a DistributedSampler (one
 replica outside torchrun) whose order depends only on (seed, epoch), so resumed
-runs see the same batches.
+runs see the same batches; evaluation loaders (``make_eval_loader``) give every
+image to exactly one process instead.
 """
 import os
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
 from parallel import Runtime
@@ -136,6 +137,29 @@ def make_loader(dataset: Dataset, batch_size: int, runtime: Runtime, shuffle: bo
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=runtime.device.type == "cuda", drop_last=drop_last,
                       persistent_workers=False)
+
+
+class ShardSampler(Sampler[int]):
+    """Process ``rank`` takes images rank, rank + world_size, ...: every image exactly
+    once over all processes.  DistributedSampler pads (or drops) to equal shards,
+    which would count some test images twice (or never)."""
+
+    def __init__(self, dataset: Dataset, runtime: Runtime):
+        self.indices = range(runtime.rank, len(dataset), runtime.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_eval_loader(dataset: Dataset, batch_size: int, runtime: Runtime,
+                     workers: int) -> DataLoader:
+    """A loader over this process's share of an evaluation split, in a fixed order;
+    summed over processes, the counts cover the split exactly once."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(dataset, runtime),
+                      num_workers=workers, pin_memory=runtime.device.type == "cuda")
 
 
 class CyclingLoader:

@@ -8,7 +8,7 @@ decides how a model is wrapped.
 """
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Sequence
+from typing import Any, Iterable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -107,6 +107,15 @@ def sum_over_processes(values: List[float], device: torch.device) -> List[float]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """Every process's ``obj`` in rank order, on every process (``[obj]`` outside torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    objects: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 def barrier() -> None:

@@ -244,6 +244,15 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Iterable[int] = (
     return [correct[:, :min(k, maxk)].any(dim=1).float().mean().item() * 100.0 for k in topk]
 
 
+def topk_correct(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> torch.Tensor:
+    """How many samples have their target among the top-k predictions, per k: exact
+    integer counts (sums over batches and processes stay exact), left on the device."""
+    maxk = min(max(topk), output.size(1))
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.eq(target.view(-1, 1))
+    return torch.stack([correct[:, :min(k, maxk)].any(dim=1).sum() for k in topk])
+
+
 class AverageMeter:
     """Running average of a metric weighted by sample counts."""
 

@@ -170,7 +170,8 @@ def test_identity_attention_as_first_element_is_never_dropped():
                  normal_concat=[2, 3], reduce=[("max_pool_3x3", 0, ""), ("max_pool_3x3", 1, "")],
                  reduce_concat=[2])
     cell = Cell(g, 16, 16, 8, False, False, 8, 8)
-    assert cell._droppable == [False, True, True, False]
+    # ("Identity", 1, "CBAM") passes its input through like (skip_connect, 1, CBAM)
+    assert cell._droppable == [False, False, True, False]
 
 
 NEVER_DROPPED = Genotype(
