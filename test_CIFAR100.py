@@ -1,0 +1,20 @@
+"""Test trained weights on the CIFAR-100 test split (SPEC §8).
+
+    python test_CIFAR100.py --auxiliary --model_path cifar100_att.pt --arch Att_DARTS
+"""
+import argparse
+
+import training
+import utils
+
+parser = argparse.ArgumentParser(description="Report the top-1 accuracy and error of trained "
+                                             "weights on the CIFAR-100 test split.")
+training.add_test_args(parser, training.CIFAR_DEFAULTS)
+
+
+def main() -> None:
+    training.test(parser.parse_args(), "cifar100")
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

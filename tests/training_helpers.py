@@ -1,0 +1,94 @@
+"""Helpers for the tests of the train_*.py / test_*.py scripts: running them, reading
+their reports, and building small image folders."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# A network small enough for a CPU epoch in a second or two.
+TINY = ["--init_ch", "4", "--layers", "3", "--batchsz", "32", "--workers", "0"]
+ACCURACY = re.compile(r"top-(\d+) acc ([\d.]+)% \((\d+)/(\d+)\)")
+
+
+def script_env() -> dict:
+    # One thread per process: two cores shared with torchrun's two workers, and the
+    # same thread count in every run keeps CPU results bit-identical between runs.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def command(script: str, *args: str) -> List[str]:
+    return [sys.executable, str(REPO / script), *args]
+
+
+def torchrun_command(processes: int, script: str, *args: str) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(processes), str(REPO / script), *args]
+
+
+def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(script, *args), cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_ok(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = run_script(script, *args)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def reported_accuracy(stdout: str) -> List[Tuple[int, str, int, int]]:
+    """(k, percent as printed, correct, total) for each top-k of the last report
+    (a train script's 'final test ...' line, a test script's 'test ...' line)."""
+    last = [line for line in stdout.splitlines() if "test top-1 acc" in line][-1]
+    return [(int(k), pct, int(c), int(n)) for k, pct, c, n in ACCURACY.findall(last)]
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a script that failed with a user error."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def only_run_dir(exp: Path) -> Path:
+    runs = [path for path in exp.iterdir() if path.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def mini_cifar(source: Path, destination: Path, classes: Sequence[str] = (),
+               train: int = 20, val: int = 10) -> Path:
+    """A smaller copy (symbolic links) of cifar10-mini: the first ``train``/``val``
+    images of each of ``classes`` (default: all ten)."""
+    for split, count in (("train", train), ("val", val)):
+        for class_dir in sorted((source / split).iterdir()):
+            if classes and class_dir.name not in classes:
+                continue
+            target = destination / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (target / image.name).symlink_to(image)
+    return destination
+
+
+def random_image_folder(destination: Path, classes: int, train: int, val: int,
+                        size: Tuple[int, int] = (40, 48)) -> Path:
+    """``train/`` and ``val/`` folders of random PNG images (an ImageNet stand-in)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = destination / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return destination

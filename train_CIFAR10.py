@@ -1,0 +1,24 @@
+"""Train a final network on CIFAR-10 from scratch (SPEC §8).
+
+    python train_CIFAR10.py --auxiliary --cutout --arch Att_DARTS
+    python -m torch.distributed.run --nproc_per_node 4 train_CIFAR10.py --auxiliary --cutout
+"""
+import argparse
+
+import torch.nn as nn
+
+import training
+import utils
+
+parser = argparse.ArgumentParser(description="Train a final Att-DARTS network on CIFAR-10 from "
+                                             "scratch; the run ends by testing trained.pt.")
+training.add_train_args(parser, training.CIFAR_DEFAULTS, cutout=True)
+
+
+def main() -> None:
+    args = parser.parse_args()
+    training.train(args, "cifar10", nn.CrossEntropyLoss(), training.cosine_schedule(args.epochs))
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

@@ -1,0 +1,465 @@
+"""Training from scratch and testing of final networks (SPEC §8), shared by
+train_CIFAR10.py, train_CIFAR100.py, train_ImageNet.py and the test_*.py scripts.
+
+A run lives in its own directory (``--exp_path/<script>-<timestamp>``):
+
+- ``log.txt``: flags, parameter count, one line per epoch (lr, train loss/accuracy,
+  test accuracy) and the final test result;
+- ``checkpoint.pt``: everything needed to resume, rewritten after each epoch
+  (``--checkpoint_path`` continues the run in the same directory);
+- ``best.pt``: the weights with the best test accuracy so far;
+- ``trained.pt``: the final weights, a bare ``state_dict`` in the published layout;
+- ``genotype.json``: the trained architecture.
+
+Under torchrun every process trains on its shard, only rank 0 logs and writes, and
+metrics are summed over processes so they cover the whole split.  Evaluation is
+deterministic: a test script on ``trained.pt`` reproduces the accuracy of the run.
+"""
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import data
+import parallel
+import utils
+from genotypes import NAMED_GENOTYPES, Genotype
+from model import NetworkCIFAR, NetworkImageNet
+from parallel import Runtime
+from precision import Precision, add_precision_flags, memory_format
+
+CIFAR_DEFAULTS = dict(
+    batchsz=96, lr=0.025, wd=3e-4, epochs=600, init_ch=36, layers=20, drop_path_prob=0.2, seed=2,
+    workers=4, data_help="dataset root: torchvision's CIFAR files (downloaded there if missing) or "
+                         "a folder with train/<class>/ and test/ or val/<class>/ images")
+IMAGENET_DEFAULTS = dict(
+    batchsz=128, lr=0.1, wd=3e-5, epochs=250, init_ch=48, layers=14, drop_path_prob=0.0, seed=0,
+    workers=8, data_help="a folder with train/<class>/ and val/<class>/ images (ILSVRC2012)")
+CHECKPOINT = "checkpoint.pt"
+# Flags that may differ when a run is resumed: where things are, not what is trained.
+RESUME_FREE_FLAGS = {"checkpoint_path", "data", "workers", "report_freq", "exp_path",
+                     "arch", "arch_path"}  # the genotype itself is compared
+
+
+# -- flags -----------------------------------------------------------------------
+
+def add_model_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    """The flags that define the network: architecture, width, depth, auxiliary head."""
+    parser.add_argument("--arch", default="Att_DARTS",
+                        help=f"a genotype in genotypes.py: {', '.join(NAMED_GENOTYPES)} "
+                             f"(default: %(default)s)")
+    parser.add_argument("--arch_path", default=None,
+                        help="a genotype.json written by train_search.py; wins over --arch")
+    parser.add_argument("--init_ch", type=int, default=defaults["init_ch"],
+                        help="channels of the first cells (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=defaults["layers"],
+                        help="number of cells (default: %(default)s)")
+    parser.add_argument("--auxiliary", action="store_true",
+                        help="with the auxiliary classifier after the second reduction cell")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    """Data location, batch size, seed, loader workers and numeric precision."""
+    parser.add_argument("--data", default="data", help=defaults["data_help"] + " (default: %(default)s)")
+    parser.add_argument("--batchsz", type=int, default=defaults["batchsz"],
+                        help="batch size per process (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults["seed"],
+                        help="random seed (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=defaults["workers"],
+                        help="data loader worker processes (default: %(default)s)")
+    add_precision_flags(parser)
+
+
+def add_train_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
+                   cutout: bool) -> None:
+    """Every flag of a train script (``cutout``: offer CIFAR's cutout augmentation)."""
+    add_model_args(parser, defaults)
+    add_runtime_args(parser, defaults)
+    parser.add_argument("--lr", type=float, default=defaults["lr"],
+                        help="initial learning rate (default: %(default)s)")
+    parser.add_argument("--momentum", type=float, default=0.9,
+                        help="SGD momentum (default: %(default)s)")
+    parser.add_argument("--wd", type=float, default=defaults["wd"],
+                        help="weight decay (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=defaults["epochs"],
+                        help="training epochs (default: %(default)s)")
+    parser.add_argument("--report_freq", type=int, default=50,
+                        help="log the running training loss and accuracy every this many steps "
+                             "(default: %(default)s)")
+    parser.add_argument("--auxiliary_weight", type=float, default=0.4,
+                        help="weight of the auxiliary loss (default: %(default)s)")
+    if cutout:
+        parser.add_argument("--cutout", action="store_true", help="cutout augmentation")
+        parser.add_argument("--cutout_length", type=int, default=16,
+                            help="side of the cutout square (default: %(default)s)")
+    parser.add_argument("--drop_path_prob", type=float, default=defaults["drop_path_prob"],
+                        help="drop-path probability, ramped linearly from 0 over the epochs "
+                             "(default: %(default)s)")
+    parser.add_argument("--grad_clip", type=float, default=5.0,
+                        help="gradient norm clipping (default: %(default)s)")
+    parser.add_argument("--exp_path", default="exp",
+                        help="each run writes into a new directory under this one "
+                             "(default: %(default)s)")
+    parser.add_argument("--checkpoint_path", default=None,
+                        help=f"resume the run of this {CHECKPOINT} (or run directory), writing "
+                             f"into its directory; give the run's own flags again")
+
+
+def add_test_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    """Every flag of a test script."""
+    parser.add_argument("--model_path", required=True,
+                        help="weights to test: a state_dict (bare or with DataParallel's 'module.' "
+                             "prefix), {'state_dict': ...}, or a run's trained.pt/best.pt/checkpoint.pt")
+    add_model_args(parser, defaults)
+    add_runtime_args(parser, defaults)
+
+
+def precision_of(args: argparse.Namespace, runtime: Runtime) -> Precision:
+    return Precision(args.amp, args.amp_dtype, runtime.device)
+
+
+# -- datasets and networks -----------------------------------------------------------
+
+def load_split(args: argparse.Namespace, dataset: str, train: bool) -> Dataset:
+    """The training split (augmented) or the test/validation split of ``dataset``."""
+    if dataset == "imagenet":
+        return data.imagenet_split(args.data, train)
+    cutout_length = args.cutout_length if train and args.cutout else 0
+    return data.cifar_split(args.data, dataset, train, cutout_length)
+
+
+def build_network(args: argparse.Namespace, dataset: str, num_classes: int,
+                  genotype: Genotype) -> nn.Module:
+    network = NetworkImageNet if dataset == "imagenet" else NetworkCIFAR
+    return network(args.init_ch, num_classes, args.layers, args.auxiliary, genotype)
+
+
+def cosine_schedule(epochs: int) -> Callable[[torch.optim.Optimizer], LRScheduler]:
+    """CIFAR: the learning rate follows a cosine from its initial value to 0 over the epochs."""
+    return lambda optimizer: CosineAnnealingLR(optimizer, float(epochs), eta_min=0.0)
+
+
+# -- metrics and output ------------------------------------------------------------
+
+@dataclass
+class Accuracy:
+    """Top-k correct counts over a whole split."""
+    topk: Tuple[int, ...]
+    correct: List[int]
+    total: int
+
+    def percent(self, k: int = 1) -> float:
+        return 100.0 * self.correct[self.topk.index(k)] / self.total
+
+    def __str__(self) -> str:
+        return "; ".join(f"top-{k} acc {self.percent(k):.4f}% ({c}/{self.total}), "
+                         f"error {100.0 - self.percent(k):.4f}%"
+                         for k, c in zip(self.topk, self.correct))
+
+
+class RunLog:
+    """Prints messages and appends them to ``log.txt``; a no-op when ``directory`` is
+    None (processes other than rank 0)."""
+
+    def __init__(self, directory: Optional[str]):
+        self.path = os.path.join(directory, "log.txt") if directory else None
+
+    def __call__(self, message: str) -> None:
+        if self.path is None:
+            return
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        tqdm.write(line)
+        # One append per line: a killed run loses at most the line being written,
+        # and long runs do not rewrite the whole log each time.
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def progress(iterable: Iterable, runtime: Runtime, **kwargs: Any) -> tqdm:
+    """A progress bar on rank 0 only, and only on a terminal (no log spam)."""
+    return tqdm(iterable, disable=None if runtime.is_main else True, dynamic_ncols=True, **kwargs)
+
+
+def new_run_directory(exp_path: str) -> str:
+    """``exp_path/<script>-<timestamp>``, made unique if two runs start the same second."""
+    script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
+    base = os.path.join(exp_path, f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for attempt in range(1, 1000):
+        path = base if attempt == 1 else f"{base}-{attempt}"
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise utils.UserError(f"cannot create the run directory {path}: {error.strerror}") from None
+    raise utils.UserError(f"cannot find a free run directory name under {exp_path}")
+
+
+# -- the loop --------------------------------------------------------------------
+
+def to_device(images: torch.Tensor, targets: torch.Tensor, runtime: Runtime,
+              channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (images.to(runtime.device, non_blocking=True, memory_format=memory_format(channels_last)),
+            targets.to(runtime.device, non_blocking=True))
+
+
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+               criterion: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+               auxiliary_weight: float, grad_clip: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on the loss plus the weighted auxiliary loss (when the network
+    returns auxiliary logits); returns (loss, logits), still on the device."""
+    with precision.autocast():
+        logits, logits_aux = model(images)
+        loss = criterion(logits, targets)
+        if logits_aux is not None:
+            loss = loss + auxiliary_weight * criterion(logits_aux, targets)
+    optimizer.zero_grad(set_to_none=True)
+    precision.scaler.scale(loss).backward()
+    precision.scaler.unscale_(optimizer)  # clip the true gradients
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    return loss.detach(), logits.detach()
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
+                optimizer: torch.optim.Optimizer, precision: Precision, args: argparse.Namespace,
+                runtime: Runtime, log: RunLog) -> Tuple[float, float]:
+    """One pass over this process's shard; returns (mean loss, top-1 accuracy in %)
+    over all processes."""
+    model.train()
+    # Sums stay on the device: reading them back every step would stall a GPU.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    correct = torch.zeros((), dtype=torch.long, device=runtime.device)
+    seen = 0
+    bar = progress(loader, runtime, desc="train", leave=False)
+    for step, (images, targets) in enumerate(bar, 1):
+        images, targets = to_device(images, targets, runtime, args.channels_last)
+        loss, logits = train_step(model, images, targets, criterion, optimizer, precision,
+                                  args.auxiliary_weight, args.grad_clip)
+        loss_sum += loss.double() * targets.size(0)
+        correct += utils.topk_correct(logits, targets)[0]
+        seen += targets.size(0)
+        if step % args.report_freq == 0:
+            running = f"loss {loss_sum.item() / seen:.4f} acc {100.0 * correct.item() / seen:.2f}%"
+            bar.set_postfix_str(running)
+            log(f"train step {step:04d}/{len(loader)} {running}")
+    loss_total, correct_total, seen_total = parallel.sum_over_processes(
+        [loss_sum.item(), float(correct.item()), float(seen)], runtime.device)
+    return loss_total / seen_total, 100.0 * correct_total / seen_total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, precision: Precision,
+             channels_last: bool, topk: Sequence[int] = (1,)) -> Accuracy:
+    """Top-k accuracy over the whole split (this process's share summed over processes).
+
+    Deterministic: the same weights, batch size and precision give the same counts."""
+    model.eval()
+    correct = torch.zeros(len(topk), dtype=torch.long, device=runtime.device)
+    seen = 0
+    for images, targets in progress(loader, runtime, desc="test", leave=False):
+        images, targets = to_device(images, targets, runtime, channels_last)
+        with precision.autocast():
+            logits, _ = model(images)
+        correct += utils.topk_correct(logits, targets, topk)
+        seen += targets.size(0)
+    *counts, total = parallel.sum_over_processes(correct.tolist() + [seen], runtime.device)
+    return Accuracy(tuple(topk), [int(c) for c in counts], int(total))
+
+
+# -- checkpoints -------------------------------------------------------------------
+
+def checkpoint_file(path: str) -> str:
+    """``--checkpoint_path`` names the checkpoint or the run directory holding it."""
+    return os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
+
+
+def load_resume_state(path: str, args: argparse.Namespace, genotype: Genotype) -> Dict[str, Any]:
+    """A resumable checkpoint, checked against this run's flags and architecture."""
+    state = utils.load_torch_file(path)
+    required = ("state_dict", "optimizer", "scheduler", "scaler", "epoch", "best_acc",
+                "last_test", "args", "genotype", "rng")
+    missing = [key for key in required if key not in state] if isinstance(state, Mapping) else ["state"]
+    if missing:
+        raise utils.UserError(f"{path} is not a resumable checkpoint (no {missing[0]!r}); pass the "
+                              f"{CHECKPOINT} of a run directory")
+    if state["genotype"] != utils.genotype_to_dict(genotype):
+        raise utils.UserError(f"{path} was trained with another architecture; resume with the run's "
+                              f"--arch/--arch_path")
+    for flag, value in state["args"].items():
+        if flag not in RESUME_FREE_FLAGS and getattr(args, flag, value) != value:
+            raise utils.UserError(f"{path} comes from a run with --{flag} {value}, not "
+                                  f"{getattr(args, flag)}; resume with the run's own flags")
+    return state
+
+
+def restore(state: Mapping[str, Any], path: str, model: nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: LRScheduler, precision: Precision) -> None:
+    utils.check_state_dict_fits(model, state["state_dict"], path)
+    model.load_state_dict(state["state_dict"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        precision.scaler.load_state_dict(state["scaler"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise utils.UserError(f"{path}: the optimizer state does not fit this run "
+                              f"({str(error).splitlines()[0][:160]})") from None
+
+
+def restore_rng(states: List[Dict[str, Any]], runtime: Runtime, seed: int) -> None:
+    """Each process continues its own random streams (a process the checkpoint did
+    not have, after a change of process count, starts from its seed)."""
+    if runtime.rank < len(states):
+        utils.set_rng_state(states[runtime.rank])
+    else:
+        utils.set_seed(seed + runtime.rank)
+
+
+# -- whole runs --------------------------------------------------------------------
+
+def fit(args: argparse.Namespace, runtime: Runtime, model: nn.Module, genotype: Genotype,
+        train_set: Dataset, test_set: Dataset, criterion: nn.Module,
+        make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler],
+        topk: Sequence[int] = (1,)) -> Accuracy:
+    """Train the bare ``model`` for ``args.epochs`` (or the rest of them, with
+    ``--checkpoint_path``), testing after each epoch, with checkpoints and logs in the
+    run directory; returns the final test accuracy."""
+    if args.epochs < 1:
+        raise utils.UserError(f"--epochs must be at least 1, got {args.epochs}")
+    train_loader = data.make_loader(train_set, args.batchsz, runtime, shuffle=True,
+                                    workers=args.workers, seed=args.seed,
+                                    # a last batch of one image would break BAM's BatchNorm1d
+                                    drop_last=True)
+    if len(train_loader) == 0:
+        raise utils.UserError(f"the training split has {len(train_set)} images: fewer than one batch "
+                              f"of --batchsz {args.batchsz} per process")
+    test_loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
+    precision = precision_of(args, runtime)
+    model.to(runtime.device, memory_format=memory_format(args.channels_last))
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+    scheduler = make_scheduler(optimizer)
+    start_epoch, best_acc, last_test, rng_states = 0, -1.0, None, None
+    if args.checkpoint_path:
+        path = checkpoint_file(args.checkpoint_path)
+        state = load_resume_state(path, args, genotype)
+        restore(state, path, model, optimizer, scheduler, precision)
+        start_epoch, best_acc, rng_states = state["epoch"], state["best_acc"], state["rng"]
+        last_test = Accuracy(**state["last_test"])
+        run_dir = os.path.dirname(os.path.abspath(path))
+    else:
+        run_dir = new_run_directory(args.exp_path) if runtime.is_main else None
+    log = RunLog(run_dir if runtime.is_main else None)
+
+    net = parallel.wrap(model, runtime)
+    # DDP's forward synchronises; each process evaluates its share with the bare network.
+    eval_net = model if runtime.distributed else net
+
+    if start_epoch:
+        log(f"resuming {run_dir} after epoch {start_epoch}/{args.epochs}")
+    else:
+        log(f"run directory {run_dir}")
+        log(f"args {vars(args)}")
+        log(f"genotype {genotype}")
+        log(f"param size {utils.count_parameters_in_MB(model):.6f} M (auxiliary head excluded)")
+        log(f"{len(train_set)} training and {len(test_set)} test images, "
+            f"{data.num_classes_of(train_set)} classes; {runtime.world_size} process(es) on "
+            f"{runtime.device}, {precision!r}")
+        if runtime.is_main:
+            utils.save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
+    if rng_states is not None:
+        restore_rng(rng_states, runtime, args.seed)
+
+    epochs = progress(range(start_epoch, args.epochs), runtime, desc="epochs",
+                      initial=start_epoch, total=args.epochs)
+    for epoch in epochs:
+        started = time.time()
+        train_loader.sampler.set_epoch(epoch)
+        model.drop_path_prob = args.drop_path_prob * epoch / args.epochs
+        lr = scheduler.get_last_lr()[0]
+        train_loss, train_acc = train_epoch(net, train_loader, criterion, optimizer, precision,
+                                            args, runtime, log)
+        scheduler.step()
+        # Every process evaluates the weights rank 0 saves: its BN statistics too.
+        parallel.broadcast_(model.buffers())
+        last_test = evaluate(eval_net, test_loader, runtime, precision, args.channels_last, topk)
+        is_best = last_test.percent(topk[0]) > best_acc
+        best_acc = max(best_acc, last_test.percent(topk[0]))
+        epochs.set_postfix_str(f"train {train_acc:.2f}% test {last_test.percent(topk[0]):.2f}%")
+        # Logged before the checkpoint is saved: a run killed in between repeats a line
+        # rather than losing one.
+        log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.6e} drop_path {model.drop_path_prob:.4f} "
+            f"train_loss {train_loss:.4f} train_acc {train_acc:.4f}% test {last_test} "
+            f"best {best_acc:.4f}% time {time.time() - started:.1f}s")
+        rng = parallel.gather_objects(utils.rng_state())
+        if runtime.is_main:
+            if is_best:
+                utils.atomic_save(model.state_dict(), os.path.join(run_dir, "best.pt"))
+            utils.atomic_save({
+                "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+                "epoch": epoch + 1, "best_acc": best_acc, "last_test": vars(last_test),
+                "args": vars(args), "genotype": utils.genotype_to_dict(genotype), "rng": rng,
+            }, os.path.join(run_dir, CHECKPOINT))
+    epochs.close()
+
+    if runtime.is_main:
+        utils.atomic_save(model.state_dict(), os.path.join(run_dir, "trained.pt"))
+    log(f"final test {last_test}")
+    return last_test
+
+
+def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
+          make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler],
+          topk: Sequence[int] = (1,)) -> None:
+    """A train script's whole run on ``dataset`` ('cifar10', 'cifar100' or 'imagenet')."""
+    runtime = parallel.setup()
+    try:
+        genotype = utils.resolve_genotype(args.arch, args.arch_path)
+        train_set = load_split(args, dataset, train=True)
+        test_set = load_split(args, dataset, train=False)
+        if train_set.classes != test_set.classes:
+            raise utils.UserError(f"the training and test splits under {args.data} have different "
+                                  f"classes: {train_set.classes} vs {test_set.classes}")
+        if runtime.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        # The same weights on every process (DDP would broadcast rank 0's anyway),
+        # different augmentation and drop-path draws.
+        utils.set_seed(args.seed + runtime.rank)
+        model = build_network(args, dataset, data.num_classes_of(train_set), genotype)
+        fit(args, runtime, model, genotype, train_set, test_set, criterion.to(runtime.device),
+            make_scheduler, topk)
+    finally:
+        parallel.teardown()
+
+
+def test(args: argparse.Namespace, dataset: str, topk: Sequence[int] = (1,)) -> Accuracy:
+    """A test script: the accuracy of ``args.model_path`` on the test/validation split."""
+    runtime = parallel.setup()
+    try:
+        utils.set_seed(args.seed)
+        genotype = utils.resolve_genotype(args.arch, args.arch_path)
+        test_set = load_split(args, dataset, train=False)
+        model = build_network(args, dataset, data.num_classes_of(test_set), genotype)
+        utils.load_weights(model, args.model_path)
+        model.to(runtime.device, memory_format=memory_format(args.channels_last))
+        net = model if runtime.distributed else parallel.wrap(model, runtime)
+        loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
+        result = evaluate(net, loader, runtime, precision_of(args, runtime), args.channels_last, topk)
+        if runtime.is_main:
+            print(f"param size {utils.count_parameters_in_MB(model):.6f} M (auxiliary head excluded)")
+            print(f"test {result}")
+        return result
+    finally:
+        parallel.teardown()
+
