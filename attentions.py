@@ -89,7 +89,7 @@ class BAMSpatialGate(nn.Module):
 
 
 class BAMMask(nn.Module):
-    """1 + sigmoid(channel gate * spatial gate), a (B, C, H, W) mask."""
+    """sigmoid(channel gate * spatial gate), a (B, C, H, W) attention map."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -97,15 +97,19 @@ class BAMMask(nn.Module):
         self.spatial_att = BAMSpatialGate(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 1 + torch.sigmoid(self.channel_att(x) * self.spatial_att(x))
+        return torch.sigmoid(self.channel_att(x) * self.spatial_att(x))
 
 
-class BAM(Attention):
-    """Bottleneck Attention Module (Park et al.): residual channel x spatial mask."""
+class BAM(nn.Module):
+    """Bottleneck Attention Module (Park et al.): x * (1 + attention map)."""
 
     def __init__(self, channels: int, height: int, width: int):
         super().__init__()
         self._mask = BAMMask(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x + x * m equals x * (1 + m) but keeps one full-size tensor fewer for backward.
+        return x + x * self._mask(x)
 
 
 class CBAMChannelAttention(nn.Module):
@@ -149,24 +153,26 @@ class CBAMSpatialAttention(nn.Module):
 
 
 class CBAMMask(nn.Module):
-    """Channel mask a, then spatial mask s computed on a * x; the mask is s * a."""
+    """The two masks of CBAM: channel mask a, spatial mask s computed on a * x."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.ChannelAttention = CBAMChannelAttention(channels)
         self.SpatialAttention = CBAMSpatialAttention()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channel_mask = self.ChannelAttention(x)
-        return self.SpatialAttention(x * channel_mask) * channel_mask
 
-
-class CBAM(Attention):
-    """Convolutional Block Attention Module (Woo et al.)."""
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al.): x * (s * a)."""
 
     def __init__(self, channels: int, height: int, width: int):
         super().__init__()
         self._mask = CBAMMask(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed as (x * a) * s: a * x is needed for s anyway, and no full-size
+        # s * a mask is materialised.
+        refined = x * self._mask.ChannelAttention(x)
+        return refined * self._mask.SpatialAttention(refined)
 
 
 class GEThetaPlusMask(nn.Module):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from attentions import ATTENTIONS, build_attention
 from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
-from operations import OPS, FactorizedReduce, ReLUConvBN
+from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst
 
 
 class AttLocation(enum.Enum):
@@ -96,11 +96,17 @@ class MixedOp(nn.Module):
         self._weight_index = [k for k, name in enumerate(candidates) if name != "none"]
         self._ops = nn.ModuleList(
             build_candidate(candidates[k], C, stride, height, width) for k in self._weight_index)
+        # The conv candidates all begin with ReLU(x): rectify once per edge, which
+        # saves their copies of it (time, and memory kept for backward).
+        self._starts_with_relu = [isinstance(op, ReLUFirst) for op in self._ops]
+        self._share_relu = sum(self._starts_with_relu) > 1
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        rectified = F.relu(x) if self._share_relu else None
         out = None
-        for k, op in zip(self._weight_index, self._ops):
-            term = weights[k] * op(x)
+        for k, op, starts_with_relu in zip(self._weight_index, self._ops, self._starts_with_relu):
+            y = op.forward_from_relu(rectified) if self._share_relu and starts_with_relu else op(x)
+            term = weights[k] * y
             out = term if out is None else out + term
         return out
 

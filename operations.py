@@ -5,13 +5,28 @@ False inside the search supernet (so the architecture weights, not BN scales,
 decide the op's strength), True in final networks.  The ``op``/``conv_1``/... names
 and Sequential indices fix the checkpoint layout of the published models.
 """
+import itertools
 from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
 
 
-class ReLUConvBN(nn.Module):
+class ReLUFirst(nn.Module):
+    """An op whose ``self.op`` Sequential starts with a ReLU.  ``forward_from_relu``
+    takes the already rectified input, so a supernet edge can rectify its input
+    once for all its conv candidates."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+    def forward_from_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        for layer in itertools.islice(self.op, 1, None):
+            rectified = layer(rectified)
+        return rectified
+
+
+class ReLUConvBN(ReLUFirst):
     """ReLU -> conv (no bias) -> BN."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
@@ -23,11 +38,8 @@ class ReLUConvBN(nn.Module):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
 
-
-class DilConv(nn.Module):
+class DilConv(ReLUFirst):
     """ReLU -> depthwise dilated conv -> pointwise conv -> BN."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
@@ -41,11 +53,8 @@ class DilConv(nn.Module):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
 
-
-class SepConv(nn.Module):
+class SepConv(ReLUFirst):
     """Two (ReLU -> depthwise conv -> pointwise conv -> BN) blocks; stride on the first."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
@@ -62,11 +71,8 @@ class SepConv(nn.Module):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
 
-
-class Conv7x1x1x7(nn.Module):
+class Conv7x1x1x7(ReLUFirst):
     """ReLU -> 1x7 conv (stride on width) -> 7x1 conv (stride on height) -> BN."""
 
     def __init__(self, C: int, stride: int, affine: bool = True):
@@ -77,9 +83,6 @@ class Conv7x1x1x7(nn.Module):
             nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
             nn.BatchNorm2d(C, affine=affine),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
 
 
 class Identity(nn.Module):

@@ -17,22 +17,22 @@ deterministic: a test script on ``trained.pt`` reproduces the accuracy of the ru
 """
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 import data
 import parallel
 import utils
 from genotypes import NAMED_GENOTYPES, Genotype
 from model import NetworkCIFAR, NetworkImageNet
+from experiment import (CHECKPOINT, EpochMetrics, RunLog, checkpoint_file, new_run_directory,
+                        progress, restore_rng, to_device)
 from parallel import Runtime
 from precision import Precision, add_precision_flags, memory_format
 
@@ -43,7 +43,6 @@ CIFAR_DEFAULTS = dict(
 IMAGENET_DEFAULTS = dict(
     batchsz=128, lr=0.1, wd=3e-5, epochs=250, init_ch=48, layers=14, drop_path_prob=0.0, seed=0,
     workers=8, data_help="a folder with train/<class>/ and val/<class>/ images (ILSVRC2012)")
-CHECKPOINT = "checkpoint.pt"
 # Flags that may differ when a run is resumed: where things are, not what is trained.
 RESUME_FREE_FLAGS = {"checkpoint_path", "data", "workers", "report_freq", "exp_path",
                      "arch", "arch_path"}  # the genotype itself is compared
@@ -165,52 +164,7 @@ class Accuracy:
                          for k, c in zip(self.topk, self.correct))
 
 
-class RunLog:
-    """Prints messages and appends them to ``log.txt``; a no-op when ``directory`` is
-    None (processes other than rank 0)."""
-
-    def __init__(self, directory: Optional[str]):
-        self.path = os.path.join(directory, "log.txt") if directory else None
-
-    def __call__(self, message: str) -> None:
-        if self.path is None:
-            return
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        tqdm.write(line)
-        # One append per line: a killed run loses at most the line being written,
-        # and long runs do not rewrite the whole log each time.
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-
-
-def progress(iterable: Iterable, runtime: Runtime, **kwargs: Any) -> tqdm:
-    """A progress bar on rank 0 only, and only on a terminal (no log spam)."""
-    return tqdm(iterable, disable=None if runtime.is_main else True, dynamic_ncols=True, **kwargs)
-
-
-def new_run_directory(exp_path: str) -> str:
-    """``exp_path/<script>-<timestamp>``, made unique if two runs start the same second."""
-    script = os.path.splitext(os.path.basename(sys.argv[0]))[0] or "run"
-    base = os.path.join(exp_path, f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    for attempt in range(1, 1000):
-        path = base if attempt == 1 else f"{base}-{attempt}"
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            continue
-        except OSError as error:
-            raise utils.UserError(f"cannot create the run directory {path}: {error.strerror}") from None
-    raise utils.UserError(f"cannot find a free run directory name under {exp_path}")
-
-
 # -- the loop --------------------------------------------------------------------
-
-def to_device(images: torch.Tensor, targets: torch.Tensor, runtime: Runtime,
-              channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return (images.to(runtime.device, non_blocking=True, memory_format=memory_format(channels_last)),
-            targets.to(runtime.device, non_blocking=True))
-
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                criterion: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
@@ -237,25 +191,17 @@ def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     """One pass over this process's shard; returns (mean loss, top-1 accuracy in %)
     over all processes."""
     model.train()
-    # Sums stay on the device: reading them back every step would stall a GPU.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    correct = torch.zeros((), dtype=torch.long, device=runtime.device)
-    seen = 0
+    metrics = EpochMetrics(runtime.device)
     bar = progress(loader, runtime, desc="train", leave=False)
     for step, (images, targets) in enumerate(bar, 1):
         images, targets = to_device(images, targets, runtime, args.channels_last)
         loss, logits = train_step(model, images, targets, criterion, optimizer, precision,
                                   args.auxiliary_weight, args.grad_clip)
-        loss_sum += loss.double() * targets.size(0)
-        correct += utils.topk_correct(logits, targets)[0]
-        seen += targets.size(0)
+        metrics.update(loss, logits, targets)
         if step % args.report_freq == 0:
-            running = f"loss {loss_sum.item() / seen:.4f} acc {100.0 * correct.item() / seen:.2f}%"
-            bar.set_postfix_str(running)
-            log(f"train step {step:04d}/{len(loader)} {running}")
-    loss_total, correct_total, seen_total = parallel.sum_over_processes(
-        [loss_sum.item(), float(correct.item()), float(seen)], runtime.device)
-    return loss_total / seen_total, 100.0 * correct_total / seen_total
+            bar.set_postfix_str(metrics.running())
+            log(f"train step {step:04d}/{len(loader)} {metrics.running()}")
+    return metrics.total(runtime.device)
 
 
 @torch.no_grad()
@@ -278,11 +224,6 @@ def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, precision: 
 
 
 # -- checkpoints -------------------------------------------------------------------
-
-def checkpoint_file(path: str) -> str:
-    """``--checkpoint_path`` names the checkpoint or the run directory holding it."""
-    return os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
-
 
 def load_resume_state(path: str, args: argparse.Namespace, genotype: Genotype) -> Dict[str, Any]:
     """A resumable checkpoint, checked against this run's flags and architecture."""
@@ -314,15 +255,6 @@ def restore(state: Mapping[str, Any], path: str, model: nn.Module,
     except (ValueError, KeyError, RuntimeError) as error:
         raise utils.UserError(f"{path}: the optimizer state does not fit this run "
                               f"({str(error).splitlines()[0][:160]})") from None
-
-
-def restore_rng(states: List[Dict[str, Any]], runtime: Runtime, seed: int) -> None:
-    """Each process continues its own random streams (a process the checkpoint did
-    not have, after a change of process count, starts from its seed)."""
-    if runtime.rank < len(states):
-        utils.set_rng_state(states[runtime.rank])
-    else:
-        utils.set_seed(seed + runtime.rank)
 
 
 # -- whole runs --------------------------------------------------------------------

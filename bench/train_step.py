@@ -37,6 +37,8 @@ parser.add_argument("--threads", type=int, default=None,
                          "steadier figures)")
 parser.add_argument("--channels_last", action="store_true",
                     help="channels-last memory layout for the network and the images")
+parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+parser.add_argument("--amp", action="store_true", help="bfloat16 autocast, as the train scripts' --amp")
 parser.add_argument("--profile", action="store_true",
                     help="also profile one training step and print the ops taking the most time")
 
@@ -57,26 +59,37 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     model = NetworkCIFAR(36, 10, 20, True, Att_DARTS)
     model.drop_path_prob = 0.2
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-    precision = Precision(False, "bfloat16", torch.device("cpu"))
+    precision = Precision(args.amp, "bfloat16", device)
     layout = memory_format(args.channels_last)
-    model.to(memory_format=layout)
-    images = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=layout)
-    targets = torch.randint(0, 10, (args.batch,))
+    model.to(device, memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    images = torch.randn(args.batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
+    targets = torch.randint(0, 10, (args.batch,), device=device)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def train() -> None:
         training.train_step(model, images, targets, criterion, optimizer, precision,
                             auxiliary_weight=0.4, grad_clip=5.0)
+        synchronize()
 
     @torch.no_grad()
     def evaluate() -> None:
-        model(images)
+        with precision.autocast():
+            model(images)
+        synchronize()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}"
-          f"{', channels-last' if args.channels_last else ''}")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch}"
+          f"{', channels-last' if args.channels_last else ''}{', bf16 autocast' if args.amp else ''}")
     model.train()
     train_seconds = median_seconds(train, args.warmup, args.steps)
     print(f"train step: {train_seconds:.3f} s ({args.batch / train_seconds:.1f} images/s)")
