@@ -13,6 +13,7 @@ running statistics are those of the weight step: these forwards use a scratch
 copy of the buffers.  Under torchrun every gradient is averaged over processes
 and the new A is broadcast from rank 0, so all ranks hold bit-identical A.
 """
+import contextlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -29,13 +30,12 @@ Tensors = Dict[str, torch.Tensor]
 class Architect:
     def __init__(self, model: nn.Module, weight_optimizer: torch.optim.SGD, arch_lr: float,
                  arch_wd: float, unrolled: bool, precision: Optional[Precision] = None):
-        """``model``: the supernet, bare or wrapped (DataParallel runs the step on all
-        GPUs; under DDP the bare network runs and gradients are reduced here)."""
+        """``model``: the supernet, bare or wrapped in DataParallel/DDP."""
+        # functional_call needs the bare network: PyTorch refuses it on DataParallel,
+        # and DDP's forward would synchronise buffers.  Under torchrun each process
+        # runs this step on its own shard and the gradients are averaged here; with
+        # DataParallel the architecture step runs on the first GPU.
         self.network: Network = unwrap(model)
-        # DataParallel can run functional_call itself (it replicates the swapped-in
-        # tensors); DDP's forward would sync buffers, so it is bypassed.
-        self._module = model if isinstance(model, nn.DataParallel) else self.network
-        self._prefix = "module." if isinstance(model, nn.DataParallel) else ""
         self.weight_optimizer = weight_optimizer
         self.unrolled = unrolled
         self.precision = precision
@@ -46,11 +46,12 @@ class Architect:
 
     # -- functional forward -------------------------------------------------------
     def _loss(self, weights: Tensors, arch: Tensors, buffers: Tensors,
-              x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        tensors = {self._prefix + k: v for group in (weights, arch, buffers) for k, v in group.items()}
-        autocast = self.precision.autocast() if self.precision else torch.autocast("cpu", enabled=False)
-        with autocast:
-            logits = functional_call(self._module, tensors, (x,))
+              x: torch.Tensor, target: torch.Tensor, autocast: bool = True) -> torch.Tensor:
+        tensors = {k: v for group in (weights, arch, buffers) for k, v in group.items()}
+        context = (self.precision.autocast() if self.precision and autocast
+                   else contextlib.nullcontext())
+        with context:
+            logits = functional_call(self.network, tensors, (x,))
         loss = self.network._criterion(logits.float(), target)
         return loss * self._loss_scale()
 
@@ -124,15 +125,20 @@ class Architect:
                                direction: List[torch.Tensor], x: torch.Tensor,
                                target: torch.Tensor) -> List[torch.Tensor]:
         """(grad_A L_train(w + eps v, A) - grad_A L_train(w - eps v, A)) / (2 eps)
-        ~ d^2 L_train / dA dw . v, with eps = 0.01 / |v|."""
+        ~ d^2 L_train / dA dw . v, with eps = 0.01 / |v|.
+
+        These two passes run without autocast: rounded to bfloat16 inside the
+        convolutions, w +- eps v would lose most of the perturbation."""
         eps = 0.01 / torch.cat([d.flatten() for d in direction]).norm()
         with torch.no_grad():
             plus = {k: w + eps * d for (k, w), d in zip(weights.items(), direction)}
-        grads_plus = self._grad(self._loss(plus, arch, buffers, x, target), list(arch.values()))
+        grads_plus = self._grad(self._loss(plus, arch, buffers, x, target, autocast=False),
+                                list(arch.values()))
         del plus
         with torch.no_grad():
             minus = {k: w - eps * d for (k, w), d in zip(weights.items(), direction)}
-        grads_minus = self._grad(self._loss(minus, arch, buffers, x, target), list(arch.values()))
+        grads_minus = self._grad(self._loss(minus, arch, buffers, x, target, autocast=False),
+                                 list(arch.values()))
         del minus
         difference = [p - m for p, m in zip(grads_plus, grads_minus)]
         all_reduce_mean_(difference)

@@ -174,10 +174,18 @@ class CyclingLoader:
         self._iterator: Optional[Iterator] = None
 
     def _start(self) -> None:
-        self.loader.sampler.set_epoch(self.cycle)
-        self._iterator = iter(self.loader)
-        for _ in range(self.position):  # only after a resume that stopped mid-pass
-            next(self._iterator)
+        """Begin pass ``self.cycle`` (replaying ``self.position`` batches after a resume).
+
+        Neither starting a pass nor replaying one moves the global random state, and
+        the workers' seeds depend only on (seed, pass): a resumed run continues with
+        the very batches and random draws of an uninterrupted one."""
+        sampler = self.loader.sampler
+        sampler.set_epoch(self.cycle)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sampler.seed * 1_000_003 + self.cycle)
+            self._iterator = iter(self.loader)
+            for _ in range(self.position):
+                next(self._iterator)
 
     def __next__(self) -> Any:
         if self._iterator is None:

@@ -12,6 +12,7 @@ plot_search.py) and checkpoint.pt (resume with --checkpoint_path).
 import argparse
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Any, Dict, Mapping, Tuple
@@ -66,7 +67,8 @@ add_precision_flags(parser)
 
 HISTORY = "arch_history.jsonl"
 # Flags that define the search itself: a resumed run must use the same ones.
-SEARCH_DEFINING_FLAGS = ("dataset", "batchsz", "lr", "lr_min", "momentum", "wd", "epochs", "init_ch",
+# --epochs may grow: a finished search can be extended (the cosine follows the new length).
+SEARCH_DEFINING_FLAGS = ("dataset", "batchsz", "lr", "lr_min", "momentum", "wd", "init_ch",
                          "layers", "cutout", "cutout_length", "seed", "grad_clip", "train_portion",
                          "unrolled", "arch_lr", "arch_wd", "location")
 
@@ -167,10 +169,6 @@ def search(args: argparse.Namespace, location: AttLocation, runtime: Runtime) ->
     if args.checkpoint_path:
         path = checkpoint_file(args.checkpoint_path)
         state = load_search_checkpoint(path, args)
-        run_dir = os.path.dirname(os.path.abspath(path))
-    else:
-        run_dir = new_run_directory(args.exp_path) if runtime.is_main else None
-    log = RunLog(run_dir if runtime.is_main else None)
 
     # Same seed on every process: identical initial weights and architecture.
     utils.set_seed(args.seed)
@@ -191,6 +189,12 @@ def search(args: argparse.Namespace, location: AttLocation, runtime: Runtime) ->
         raise utils.UserError(f"{len(dataset)} training images split by --train_portion "
                               f"{args.train_portion} leave less than one batch of --batchsz "
                               f"{args.batchsz} per process in a half")
+    # Created only once the data is there: a failed start leaves no empty directory.
+    if state is not None:
+        run_dir = os.path.dirname(os.path.abspath(path))
+    else:
+        run_dir = new_run_directory(args.exp_path) if runtime.is_main else None
+    log = RunLog(run_dir if runtime.is_main else None)
 
     precision = Precision(args.amp, args.amp_dtype, runtime.device)
     network = Network(args.init_ch, num_classes, args.layers, nn.CrossEntropyLoss(), location)
@@ -214,6 +218,13 @@ def search(args: argparse.Namespace, location: AttLocation, runtime: Runtime) ->
         except (ValueError, KeyError, RuntimeError) as error:
             raise utils.UserError(f"{path}: the optimizer state does not fit this search "
                                   f"({str(error).splitlines()[0][:160]})") from None
+        # A search extended with a larger --epochs continues on the cosine of the new length.
+        scheduler.T_max = float(args.epochs)
+        scheduler.base_lrs = [args.lr]
+        lr = args.lr_min + (args.lr - args.lr_min) * (1 + math.cos(math.pi * state["epoch"] / args.epochs)) / 2
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scheduler._last_lr = [lr]
         arch_batches.load_state_dict(state["arch_batches"])
         restore_rng(state["rng"], runtime, args.seed)
         start_epoch = state["epoch"]

@@ -4,8 +4,9 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -92,3 +93,18 @@ def random_image_folder(destination: Path, classes: int, train: int, val: int,
                 pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return destination
+
+
+def run_parallel(commands: Mapping[str, Sequence[str]], jobs: int = 2, timeout: float = 300,
+                 env: Optional[Mapping[str, str]] = None) -> Dict[str, subprocess.CompletedProcess]:
+    """Run several commands (argument lists, in the repository root with ``script_env()``
+    plus ``env``), ``jobs`` at a time; their results by name."""
+    environment = {**script_env(), **(env or {})}
+
+    def run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), cwd=REPO, env=environment, capture_output=True,
+                              text=True, timeout=timeout)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {name: pool.submit(run, cmd) for name, cmd in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
