@@ -187,8 +187,11 @@ def load_torch_file(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line[:200]})") from None
+        if "Weights only load failed" in str(error):
+            reason = "it holds Python objects besides tensors, which are not loaded for safety"
+        else:
+            reason = "not a file written by torch.save"
+        raise UserError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
 
 
 def extract_state_dict(checkpoint: Any, path: str) -> Dict[str, torch.Tensor]:
