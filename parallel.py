@@ -6,10 +6,7 @@ decides how a model is wrapped.
 - otherwise, several visible GPUs: DataParallel over all of them (as the original);
 - otherwise one GPU, or the CPU.
 """
-import ctypes
-import ctypes.util
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Sequence
 
@@ -39,34 +36,8 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
-# glibc's mallopt parameter: allocations above this size are mmap'ed and go back
-# to the system when freed.
-_M_MMAP_THRESHOLD = -3
-
-
-def return_freed_cpu_memory(threshold_bytes: int = 128 * 1024) -> None:
-    """Make freed activation buffers go back to the OS (glibc only).
-
-    The supernet allocates thousands of activation tensors of varied sizes per
-    step; glibc's adaptive threshold soon serves them from its heap, which then
-    fragments: the process held ~0.9 GB more than it used in a second-order
-    search step at batch 16.  A fixed mmap threshold keeps resident memory close
-    to what is live."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc_name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(libc_name)
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        pass
-
-
 def setup() -> Runtime:
-    """Initialise the process group under torchrun and pick this process's device.
-
-    On the CPU, freed activation memory is returned to the system (see
-    ``return_freed_cpu_memory``)."""
+    """Initialise the process group under torchrun and pick this process's device."""
     if launched_by_torchrun():
         local_rank = int(os.environ["LOCAL_RANK"])
         if torch.cuda.is_available():
@@ -76,13 +47,10 @@ def setup() -> Runtime:
         else:
             device = torch.device("cpu")
             backend = "gloo"
-            return_freed_cpu_memory()
         if not dist.is_initialized():
             dist.init_process_group(backend=backend)
         return Runtime(device, dist.get_rank(), dist.get_world_size(), local_rank)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        return_freed_cpu_memory()
     return Runtime(device)
 
 

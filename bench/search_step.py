@@ -54,12 +54,8 @@ def run_one(config: dict) -> dict:
     from model_search import Network
     from precision import Precision
 
-    from parallel import return_freed_cpu_memory
-
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    if config["device"] == "cpu":
-        return_freed_cpu_memory()  # as train_search.py does on the CPU
     torch.manual_seed(0)
     device = torch.device(config["device"])
     cuda = device.type == "cuda"
