@@ -2,9 +2,9 @@
 context and, for float16, the gradient scaler.
 
 bfloat16 (the default with ``--amp``) has float32's range and needs no scaling;
-float16 needs a GradScaler against underflow.  Parameters, optimizer state, the
-virtual step and the finite-difference perturbation always stay in float32:
-autocast only changes the dtype inside forward passes."""
+float16 needs a GradScaler against underflow.  Parameters and optimizer state stay
+in float32: autocast only changes the dtype inside forward passes.  The search's
+architecture step ignores it and runs in float32 (see architect.py)."""
 import contextlib
 from typing import ContextManager
 

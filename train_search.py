@@ -204,7 +204,7 @@ def search(args: argparse.Namespace, location: AttLocation, runtime: Runtime) ->
                                 weight_decay=args.wd)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(args.epochs),
                                                            eta_min=args.lr_min)
-    architect = Architect(model, optimizer, args.arch_lr, args.arch_wd, args.unrolled, precision)
+    architect = Architect(model, optimizer, args.arch_lr, args.arch_wd, args.unrolled)
 
     start_epoch = 0
     if state is not None:

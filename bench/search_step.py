@@ -35,7 +35,7 @@ parser.add_argument("--steps", type=int, default=3, help="timed iterations")
 parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 parser.add_argument("--channels_last", action="store_true", help="channels-last layout")
-parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (as train_search.py --amp)")
+parser.add_argument("--amp", action="store_true", help="bfloat16 autocast of the weight step (as train_search.py --amp)")
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
 parser.add_argument("--profile", action="store_true",
                     help="profile one second-order iteration at the first location/batch instead")
@@ -66,8 +66,7 @@ def run_one(config: dict) -> dict:
                       config["location"]).to(device, memory_format=fmt)
     optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
     precision = Precision(config["amp"], "bfloat16", device)
-    architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=config["order"] == 2,
-                          precision=precision)
+    architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=config["order"] == 2)
     batch = config["batch"]
 
     def images():

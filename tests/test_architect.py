@@ -215,8 +215,7 @@ def test_search_iteration_moves_only_what_it_should(unrolled):
     assert grouped and not {id(p) for p in grouped} & arch_ids
     assert {id(p) for p in grouped} == {id(p) for p in network.weights()}
 
-    architect = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=unrolled,
-                          precision=Precision(False, "bfloat16", CPU))
+    architect = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=unrolled)
     assert {id(p) for group in architect.optimizer.param_groups for p in group["params"]} == arch_ids
 
     # The virtual step and the finite difference leave w, A and BN statistics alone.
@@ -276,48 +275,26 @@ BF16 = Precision(True, "bfloat16", CPU)
 
 
 def test_bfloat16_second_order_step():
-    """Under bfloat16 autocast the step runs, keeps float32 state, and its
-    hypergradient points where the float32 one does.  (Measured here: relative error
-    45%, cosine 0.90 against float32, while the first-order gradient alone is off by
-    13%; on 32x32 images, C=8, batch 32 still 12-18%.  Mostly the finite difference,
-    see the next test; 5% is out of reach at this size.)"""
+    """Under --amp (bfloat16 autocast around the search step) the second-order step
+    runs and its hypergradient stays within 5% of the float32 one: the architect
+    computes it in float32 (bfloat16 forwards put it 13-25% off on this network),
+    keeps float32 state and leaves the weights and BN statistics alone."""
     network, optimizer, train, valid = _searched_network("after_every", batch=16)
     lr = 0.025
     reference = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=True)
     expected = reference.second_order_gradient(*train, *valid, lr)
-    architect = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=True, precision=BF16)
+    architect = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=True)
     weights, buffers = list(network.weights()), [b for _, b in network.named_buffers()]
     w0, b0, a0 = _snapshot(weights), _snapshot(buffers), _snapshot(network.arch_parameters())
 
-    got = architect.second_order_gradient(*train, *valid, lr)
+    with BF16.autocast():
+        got = architect.second_order_gradient(*train, *valid, lr)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in got)
-    cosine = float(F.cosine_similarity(_flat(got), _flat(expected), dim=0))
-    assert cosine > 0.8, f"bfloat16 hypergradient: cosine {cosine:.3f} with float32"
-    assert _relative(got, expected) < 0.7
+    assert _relative(got, expected) < 0.05
 
-    architect.step(*train, *valid, lr)
+    with BF16.autocast():
+        architect.step(*train, *valid, lr)
     assert all(a.dtype == torch.float32 for a in network.arch_parameters())
     assert not any(torch.equal(x, y) for x, y in zip(network.arch_parameters(), a0))
     assert _bitwise_equal(_snapshot(weights), w0)
     assert _bitwise_equal(_snapshot(buffers), b0)
-
-
-def test_bfloat16_finite_difference_follows_the_float32_hessian():
-    """SPEC §7: the finite difference must approximate the Hessian-vector product.
-    Under autocast, w +- eps v (|eps v| = 0.01 over all weights) is rounded to
-    bfloat16 inside every conv/linear, so the two perturbed passes must not lose
-    the perturbation."""
-    network, optimizer, train, valid = _searched_network("after_every", batch=16)
-    reference = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=True)
-    architect = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=True, precision=BF16)
-    weights, arch, buffers = reference._current()
-    # The direction of the real step: v = grad_w L_val at the current weights.
-    loss = reference._loss(weights, {k: a.detach() for k, a in arch.items()}, buffers, *valid)
-    direction = list(torch.autograd.grad(loss, list(weights.values())))
-    expected = reference.hessian_vector_product(weights, arch, buffers, direction, *train)
-    got = architect.hessian_vector_product(weights, arch, buffers, direction, *train)
-    cosine = float(F.cosine_similarity(_flat(got), _flat(expected), dim=0))
-    error = _relative(got, expected)
-    assert cosine > 0.9 and error < 0.25, (
-        f"bfloat16 finite-difference Hessian-vector product: relative error {error:.0%}, "
-        f"cosine {cosine:.3f} with the float32 one")
