@@ -71,7 +71,8 @@ def searches(folder, tmp_path_factory) -> dict:
     'first'/'second': one epoch of first/second order at after_every; one first-order
     epoch at every other location; 'two_epochs': 'first' for two epochs."""
     base = tmp_path_factory.mktemp("searches")
-    specs = {"first": (1, []), "second": (1, ["--unrolled"]), "two_epochs": (2, [])}
+    specs = {"first": (1, []), "second": (1, ["--unrolled"]), "two_epochs": (2, []),
+             "amp": (1, ["--unrolled", "--amp", "--channels_last"])}
     specs.update({loc: (1, ["--location", loc]) for loc in LOCATIONS if loc != "after_every"})
     commands = {name: command("train_search.py", *search_flags(folder, base / name, epochs, *extra))
                 for name, (epochs, extra) in specs.items()}
@@ -305,3 +306,14 @@ def test_plot_search_on_a_finished_search(searches, tmp_path):
             assert image.width > 200 and image.height > 200, name
             extrema = image.convert("L").getextrema()
             assert extrema[0] < extrema[1], f"{name} is blank"
+
+
+def test_second_order_search_under_amp_and_channels_last(searches):
+    """--amp (bfloat16 autocast on the CPU) and --channels_last are accepted by the
+    search and give a usable genotype."""
+    result, exp = searches["amp"]
+    _ok(result)
+    run = only_run_dir(exp)
+    genotype = utils.load_genotype(str(run / "genotype.json"))
+    assert all(len(edge) == 3 and edge[2] for edge in genotype.normal)
+    assert "autocast bfloat16" in (run / "log.txt").read_text()
