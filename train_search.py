@@ -218,13 +218,14 @@ def search(args: argparse.Namespace, location: AttLocation, runtime: Runtime) ->
         except (ValueError, KeyError, RuntimeError) as error:
             raise utils.UserError(f"{path}: the optimizer state does not fit this search "
                                   f"({str(error).splitlines()[0][:160]})") from None
-        # A search extended with a larger --epochs continues on the cosine of the new length.
-        scheduler.T_max = float(args.epochs)
-        scheduler.base_lrs = [args.lr]
-        lr = args.lr_min + (args.lr - args.lr_min) * (1 + math.cos(math.pi * state["epoch"] / args.epochs)) / 2
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scheduler._last_lr = [lr]
+        if state["args"].get("epochs") != args.epochs:
+            # An extended search continues on the cosine of its new length.
+            scheduler.T_max = float(args.epochs)
+            lr = args.lr_min + (args.lr - args.lr_min) * (
+                1 + math.cos(math.pi * state["epoch"] / args.epochs)) / 2
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scheduler._last_lr = [lr]
         arch_batches.load_state_dict(state["arch_batches"])
         restore_rng(state["rng"], runtime, args.seed)
         start_epoch = state["epoch"]
