@@ -10,8 +10,7 @@ import torch.nn as nn
 
 from attentions import ATTENTIONS, build_attention
 from genotypes import Genotype
-from model_search import halve
-from operations import OPS, FactorizedReduce, ReLUConvBN, is_identity_op
+from operations import OPS, FactorizedReduce, ReLUConvBN, halve, is_identity_op
 
 
 def build_first_layer(name: str, C: int, stride: int, height: int, width: int) -> nn.Module:

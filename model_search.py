@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from attentions import ATTENTIONS, build_attention
 from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
-from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst
+from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, halve
 
 
 class AttLocation(enum.Enum):
@@ -157,11 +157,6 @@ class SearchCell(nn.Module):
         if self._bottleneck is not None:
             out = self._bottleneck(out, cell_end)
         return out
-
-
-def halve(size: int) -> int:
-    """Spatial size after a stride-2 op with 'same' padding."""
-    return (size + 1) // 2
 
 
 class Network(nn.Module):

@@ -138,6 +138,11 @@ OPS: Dict[str, Callable[[int, int, bool], nn.Module]] = {
 }
 
 
+def halve(size: int) -> int:
+    """Spatial size after a stride-2 op with 'same' padding."""
+    return (size + 1) // 2
+
+
 def build_op(name: str, C: int, stride: int, affine: bool) -> nn.Module:
     """Build the operation ``name`` on C channels."""
     if name not in OPS:

@@ -116,8 +116,3 @@ def gather_objects(obj: Any) -> List[Any]:
     objects: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(objects, obj)
     return objects
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

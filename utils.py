@@ -4,7 +4,7 @@ import os
 import random
 import sys
 import tempfile
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,12 +59,6 @@ def atomic_write_text(path: str, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
     _atomic_write(path, write)
-
-
-def atomic_append_line(path: str, line: str) -> None:
-    """Append a line by rewriting the file atomically (files here are small)."""
-    existing = open(path).read() if os.path.exists(path) else ""
-    atomic_write_text(path, existing + line.rstrip("\n") + "\n")
 
 
 # -- genotypes -------------------------------------------------------------------
@@ -238,15 +232,6 @@ def count_parameters_in_MB(model: nn.Module) -> float:
     return sum(p.numel() for name, p in model.named_parameters() if "auxiliary" not in name) / 1e6
 
 
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Iterable[int] = (1,)) -> List[float]:
-    """Top-k accuracies in percent."""
-    topk = tuple(topk)
-    maxk = min(max(topk), output.size(1))
-    _, pred = output.topk(maxk, 1, True, True)
-    correct = pred.eq(target.view(-1, 1))
-    return [correct[:, :min(k, maxk)].any(dim=1).float().mean().item() * 100.0 for k in topk]
-
-
 def topk_correct(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> torch.Tensor:
     """How many samples have their target among the top-k predictions, per k: exact
     integer counts (sums over batches and processes stay exact), left on the device."""
@@ -254,6 +239,11 @@ def topk_correct(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int]
     _, pred = output.topk(maxk, 1, True, True)
     correct = pred.eq(target.view(-1, 1))
     return torch.stack([correct[:, :min(k, maxk)].any(dim=1).sum() for k in topk])
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> List[float]:
+    """Top-k accuracies of one batch, in percent."""
+    return (topk_correct(output, target, topk).double() * 100.0 / target.size(0)).tolist()
 
 
 class AverageMeter:
