@@ -26,7 +26,7 @@ import utils
 from architect import Architect
 from model_search import AttLocation, Network
 from parallel import Runtime
-from precision import Precision, add_precision_flags, memory_format
+from precision import Precision, add_precision_flags, memory_format, resolve_channels_last
 from experiment import (CHECKPOINT, EpochMetrics, RunLog, checkpoint_file, new_run_directory,
                         progress, restore_rng, to_device)
 
@@ -63,7 +63,11 @@ parser.add_argument("--arch_wd", type=float, default=1e-3, help="Adam weight dec
 parser.add_argument("--location", default=AttLocation.AFTER_EVERY.value,
                     help="where attention is searched: " + ", ".join(loc.value for loc in AttLocation))
 parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-add_precision_flags(parser)
+parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep only each cell's inputs in the training forward passes and recompute "
+                         "the cell during backward: same gradients, about half the memory, one more "
+                         "forward per pass")
+add_precision_flags(parser, channels_last_default="auto")
 
 HISTORY = "arch_history.jsonl"
 # Flags that define the search itself: a resumed run must use the same ones.
@@ -159,6 +163,7 @@ def main() -> None:
         raise utils.UserError(f"--epochs must be at least 1, got {args.epochs}")
     runtime = parallel.setup()
     try:
+        args.channels_last = resolve_channels_last(args.channels_last, runtime.device)
         search(args, location, runtime)
     finally:
         parallel.teardown()
@@ -197,7 +202,8 @@ def search(args: argparse.Namespace, location: AttLocation, runtime: Runtime) ->
     log = RunLog(run_dir if runtime.is_main else None)
 
     precision = Precision(args.amp, args.amp_dtype, runtime.device)
-    network = Network(args.init_ch, num_classes, args.layers, nn.CrossEntropyLoss(), location)
+    network = Network(args.init_ch, num_classes, args.layers, nn.CrossEntropyLoss(), location,
+                      recompute=args.recompute)
     network.to(runtime.device, memory_format=memory_format(args.channels_last))
     model = parallel.wrap(network, runtime, ignore=list(network.named_arch_parameters()))
     optimizer = torch.optim.SGD(network.weights(), args.lr, momentum=args.momentum,
@@ -237,6 +243,8 @@ def search(args: argparse.Namespace, location: AttLocation, runtime: Runtime) ->
             f"parameters (architecture included); {len(weight_half)} images train the weights, "
             f"{len(arch_half)} the architecture, {num_classes} classes; {runtime.world_size} "
             f"process(es) on {runtime.device}, {precision!r}, "
+            f"{'channels-last' if args.channels_last else 'contiguous'} layout, cells "
+            f"{'recomputed in backward' if args.recompute else 'kept for backward'}, "
             f"{'second' if args.unrolled else 'first'} order")
 
     epochs = progress(range(start_epoch, args.epochs), runtime, desc="epochs",

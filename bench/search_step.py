@@ -34,7 +34,10 @@ parser.add_argument("--layers", type=int, default=8, help="supernet cells")
 parser.add_argument("--steps", type=int, default=3, help="timed iterations")
 parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-parser.add_argument("--channels_last", action="store_true", help="channels-last layout")
+parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default="auto",
+                    help="channels-last layout (as train_search.py, 'auto': on for the CPU only)")
+parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute cells in backward (as train_search.py, on by default)")
 parser.add_argument("--amp", action="store_true", help="bfloat16 autocast of the weight step (as train_search.py --amp)")
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
 parser.add_argument("--profile", action="store_true",
@@ -52,7 +55,7 @@ def run_one(config: dict) -> dict:
     import torch.nn as nn
     from architect import Architect
     from model_search import Network
-    from precision import Precision
+    from precision import Precision, memory_format
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -61,9 +64,9 @@ def run_one(config: dict) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    fmt = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    fmt = memory_format(config["channels_last"])
     network = Network(config["init_ch"], 10, config["layers"], nn.CrossEntropyLoss(),
-                      config["location"]).to(device, memory_format=fmt)
+                      config["location"], recompute=config["recompute"]).to(device, memory_format=fmt)
     optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
     precision = Precision(config["amp"], "bfloat16", device)
     architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=config["order"] == 2)
@@ -113,18 +116,21 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return
+    import torch
+    from precision import resolve_channels_last
+    channels_last = resolve_channels_last(args.channels_last, torch.device(args.device))
     base = {"init_ch": args.init_ch, "layers": args.layers, "steps": args.steps,
-            "warmup": args.warmup, "threads": args.threads, "channels_last": args.channels_last,
-            "amp": args.amp, "device": args.device}
+            "warmup": args.warmup, "threads": args.threads, "channels_last": channels_last,
+            "recompute": args.recompute, "amp": args.amp, "device": args.device}
     if args.profile:
         run_one({**base, "location": args.locations[0], "batch": args.batch[0], "order": 2,
                  "profile": True})
         return
-    import torch
     device = torch.cuda.get_device_name() if args.device == "cuda" else (
         f"cpu, {args.threads or torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {device}, C={args.init_ch}, {args.layers} cells, "
-          f"{'channels_last' if args.channels_last else 'contiguous'}, "
+          f"{'channels_last' if channels_last else 'contiguous'}, "
+          f"{'cells recomputed in backward' if args.recompute else 'no recomputation'}, "
           f"{'bf16 autocast' if args.amp else 'fp32'}; median of {args.steps} after {args.warmup} warm-up")
     header = (f"{'location':<14} {'batch':>5} {'order':>6} {'s/iter':>8} {'peak RSS MB':>12} "
               f"{'growth MB':>10} {'peak GPU MB':>12}")

@@ -45,11 +45,13 @@ def _batch(batch: int, seed: int):
     return images, targets
 
 
-def _searched_network(location: str, batch: int = 8, C: int = 4, seed: int = 0):
+def _searched_network(location: str, batch: int = 8, C: int = 4, seed: int = 0,
+                      recompute: bool = False):
     """A tiny supernet after one real SGD weight step (so momentum buffers exist),
     its weight optimizer, and a training and a validation batch."""
     torch.manual_seed(seed)
-    network = Network(C, 10, 3, nn.CrossEntropyLoss(), location, image_size=SIZE)
+    network = Network(C, 10, 3, nn.CrossEntropyLoss(), location, image_size=SIZE,
+                      recompute=recompute)
     network.train()
     optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY)
@@ -191,6 +193,23 @@ def test_second_order_gradient_matches_double_backward(location, float64):
         assert _relative(second, without_momentum) > 0.01
 
 
+@pytest.mark.parametrize("unrolled", [False, True], ids=["first_order", "second_order"])
+def test_recomputed_cells_give_the_same_architecture_gradient(unrolled, float64):
+    """train_search.py recomputes cells in backward by default: every pass of the
+    architect (virtual step, validation pass, both perturbed passes) must give what
+    plain autograd gives.  (SmoothKinks cannot reach a recomputation, which runs
+    inside the autograd engine, so this compares the real, kinked network.)"""
+    plain, optimizer, train, valid = _searched_network("after_every")
+    recomputed, recomputed_optimizer, _, _ = _searched_network("after_every", recompute=True)
+    grads = {}
+    for name, network, weight_optimizer in (("plain", plain, optimizer),
+                                            ("recomputed", recomputed, recomputed_optimizer)):
+        architect = Architect(network, weight_optimizer, ARCH_LR, ARCH_WD, unrolled=unrolled)
+        grads[name] = (architect.second_order_gradient(*train, *valid, 0.025) if unrolled
+                       else architect.first_order_gradient(*valid))
+    assert _relative(grads["recomputed"], grads["plain"]) < 1e-9
+
+
 # -- 2. first order --------------------------------------------------------------------
 
 @pytest.mark.parametrize("location", ["after_every", "after_every_and_end"])
@@ -207,9 +226,10 @@ def test_first_order_gradient_is_the_validation_gradient(location):
 
 # -- 3. one search iteration -----------------------------------------------------------
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recomputed"])
 @pytest.mark.parametrize("unrolled", [False, True], ids=["first_order", "second_order"])
-def test_search_iteration_moves_only_what_it_should(unrolled):
-    network, optimizer, train, valid = _searched_network("after_every_and_end")
+def test_search_iteration_moves_only_what_it_should(unrolled, recompute):
+    network, optimizer, train, valid = _searched_network("after_every_and_end", recompute=recompute)
     arch_ids = {id(a) for a in network.arch_parameters()}
     grouped = [p for group in optimizer.param_groups for p in group["params"]]
     assert grouped and not {id(p) for p in grouped} & arch_ids

@@ -69,10 +69,12 @@ def _assert_same_arch(run_a: Path, run_b: Path) -> None:
 def searches(folder, tmp_path_factory) -> dict:
     """The single-process searches, two at a time: name -> (result, exp directory).
     'first'/'second': one epoch of first/second order at after_every; one first-order
-    epoch at every other location; 'two_epochs': 'first' for two epochs."""
+    epoch at every other location; 'two_epochs': 'first' for two epochs;
+    'not_recomputed': 'second' with --no-recompute."""
     base = tmp_path_factory.mktemp("searches")
     specs = {"first": (1, []), "second": (1, ["--unrolled"]), "two_epochs": (2, []),
-             "amp": (1, ["--unrolled", "--amp", "--channels_last"])}
+             "amp": (1, ["--unrolled", "--amp", "--channels_last"]),
+             "not_recomputed": (1, ["--unrolled", "--no-recompute"])}
     specs.update({loc: (1, ["--location", loc]) for loc in LOCATIONS if loc != "after_every"})
     commands = {name: command("train_search.py", *search_flags(folder, base / name, epochs, *extra))
                 for name, (epochs, extra) in specs.items()}
@@ -125,6 +127,18 @@ def test_search_moves_the_architecture(searches):
     two = _arch_state(_run_of(searches, "two_epochs"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], two[k]) for k in first)
+
+
+def test_recomputing_cells_does_not_change_the_search(searches):
+    """The default (cells recomputed in backward, channels-last on the CPU) and
+    --no-recompute reach the same architecture, up to float32 rounding."""
+    recomputed, plain = _run_of(searches, "second"), _run_of(searches, "not_recomputed")
+    assert "channels-last layout, cells recomputed in backward" in (recomputed / "log.txt").read_text()
+    assert "cells kept for backward" in (plain / "log.txt").read_text()
+    a, b = _arch_state(recomputed), _arch_state(plain)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+    assert (recomputed / "genotype.json").read_text() == (plain / "genotype.json").read_text()
 
 
 # -- 7. every location -----------------------------------------------------------------------
