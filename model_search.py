@@ -9,8 +9,9 @@ they are *not* network weights: use ``weights()`` for the weight optimizer and
 """
 import contextlib
 import enum
+import functools
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -114,7 +115,11 @@ class MixedOp(nn.Module):
 
 class SearchCell(nn.Module):
     """A cell whose edges are MixedOps; its output concatenates the last
-    ``multiplier`` intermediate nodes."""
+    ``multiplier`` intermediate nodes.
+
+    The forward runs in parts (the two preprocessings, each node, the cell-end
+    attention) so that with ``recompute=True`` each part can be recomputed in
+    backward on its own (``RecomputedPart``)."""
 
     def __init__(self, space: SearchSpace, steps: int, multiplier: int, C_prev_prev: int,
                  C_prev: int, C: int, reduction: bool, reduction_prev: bool,
@@ -141,35 +146,77 @@ class SearchCell(nn.Module):
                             if space.cell_end is not None else None)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, first: torch.Tensor,
-                second: Optional[torch.Tensor], cell_end: Optional[torch.Tensor]) -> torch.Tensor:
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+                second: Optional[torch.Tensor], cell_end: Optional[torch.Tensor],
+                recompute: bool = False) -> torch.Tensor:
+        run = self._run_recomputed if recompute else self._run
+        states = list(run(SearchCell._preprocess, ["preprocess0", "preprocess1"], s0, s1))
         offset = 0
         for _ in range(self._steps):
-            node = None
-            for j, h in enumerate(states):
-                edge = offset + j
-                out = self._ops[edge](h, first[edge])
-                if second is not None:
-                    out = self._attns[edge](out, second[edge])
-                node = out if node is None else node + out
-            offset += len(states)
-            states.append(node)
+            edges = range(offset, offset + len(states))
+            modules = [f"_ops.{e}" for e in edges]
+            if second is not None:
+                modules += [f"_attns.{e}" for e in edges]
+            states.append(run(functools.partial(SearchCell._node, offset=offset), modules,
+                              first, second, *states))
+            offset += len(states) - 1
         out = torch.cat(states[-self._multiplier:], dim=1)
         if self._bottleneck is not None:
-            out = self._bottleneck(out, cell_end)
+            out = run(SearchCell._cell_end, ["_bottleneck"], out, cell_end)
         return out
 
+    # -- the parts --------------------------------------------------------------------
+    def _preprocess(self, s0: torch.Tensor, s1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.preprocess0(s0), self.preprocess1(s1)
 
-class RecomputedCell(torch.autograd.Function):
-    """Run a SearchCell without keeping its activations; rebuild them in backward.
+    def _node(self, first: torch.Tensor, second: Optional[torch.Tensor], *states: torch.Tensor,
+              offset: int) -> torch.Tensor:
+        """One intermediate node: the sum of its edges from all previous states."""
+        node = None
+        for j, h in enumerate(states):
+            edge = offset + j
+            out = self._ops[edge](h, first[edge])
+            if second is not None:
+                out = self._attns[edge](out, second[edge])
+            node = out if node is None else node + out
+        return node
+
+    def _cell_end(self, out: torch.Tensor, cell_end: torch.Tensor) -> torch.Tensor:
+        return self._bottleneck(out, cell_end)
+
+    def _run(self, part: Callable, modules: List[str], *inputs):
+        return part(self, *inputs)
+
+    def _run_recomputed(self, part: Callable, modules: List[str], *inputs):
+        # The current tensors: under the architect's functional_call these are the
+        # virtual or perturbed weights, not the module's own parameters.
+        params = {name: p for module in modules
+                  for name, p in self.get_submodule(module).named_parameters(prefix=module)}
+        return RecomputedPart.apply(part, self, modules, list(params), len(inputs), *inputs,
+                                    *params.values())
+
+
+class _Part(nn.Module):
+    """``part(cell, *inputs)`` as a module, for ``functional_call``."""
+
+    def __init__(self, cell: SearchCell, part: Callable):
+        super().__init__()
+        self.cell, self.part = cell, part
+
+    def forward(self, *inputs):
+        return self.part(self.cell, *inputs)
+
+
+class RecomputedPart(torch.autograd.Function):
+    """Run ``part(cell, *inputs)`` without keeping its activations; rebuild them in backward.
 
     Every edge of the supernet evaluates all candidates, so the activations kept for
-    backward dominate a search's memory (1.6-2.0 GB per pass at batch 16; one cell at
-    most 0.42 GB).  Forward runs without a graph and keeps only the cell's inputs;
-    backward runs the cell again and differentiates that.  The cell's parameters
-    are explicit inputs, so the recomputation uses the tensors of the forward even
-    when that forward ran inside the architect's ``functional_call`` (virtual or
-    perturbed weights), and gradients reach them through ``autograd.grad`` too.
+    backward dominate a search's memory (1.6-2.0 GB per pass at batch 16, up to
+    0.42 GB in one cell).  Forward runs without a graph and keeps only the part's
+    inputs; backward runs the part again and differentiates that, so at most one
+    node's activations (the largest has 5 of a cell's 14 edges) exist at a time.
+    The parameters of the part are explicit inputs: the recomputation uses the
+    tensors of the forward even when that forward ran inside the architect's
+    ``functional_call``, and gradients reach them through ``autograd.grad`` too.
 
     Why not ``torch.utils.checkpoint``: its reentrant form refuses ``autograd.grad``
     (which the architect uses), and its non-reentrant form runs a Python hook for
@@ -179,41 +226,49 @@ class RecomputedCell(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cell: "SearchCell", names: List[str], s0: torch.Tensor, s1: torch.Tensor,
-                first: torch.Tensor, second: Optional[torch.Tensor],
-                cell_end: Optional[torch.Tensor], *params: torch.Tensor) -> torch.Tensor:
-        ctx.cell, ctx.names = cell, names
-        device = s1.device.type
+    def forward(ctx, part: Callable, cell: SearchCell, modules: List[str], names: List[str],
+                num_inputs: int, *inputs_and_params: Optional[torch.Tensor]):
+        ctx.part, ctx.cell, ctx.modules, ctx.names, ctx.num_inputs = part, cell, modules, names, num_inputs
+        device = next(t for t in inputs_and_params if t is not None).device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.save_for_backward(s0, s1, first, second, cell_end, *params)
-        return cell(s0, s1, first, second, cell_end)
+        ctx.save_for_backward(*inputs_and_params)
+        return part(cell, *inputs_and_params[:num_inputs])
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, *grad_outputs: torch.Tensor):
         if torch.is_grad_enabled():
-            # (once_differentiable would silently treat this backward as a constant.)
+            # Refused rather than silently wrong: a gradient graph built here would
+            # miss the second derivatives of this part.
             raise RuntimeError("double backward (create_graph=True) through recomputed cells is "
                                "not supported: build the supernet with recompute=False")
-        needs_grad = ctx.needs_input_grad[2:]
-        inputs = [t if t is None else t.detach().requires_grad_(needed)
-                  for t, needed in zip(ctx.saved_tensors, needs_grad)]
-        tensors = dict(zip(ctx.names, inputs[5:]))
+        needs_grad = ctx.needs_input_grad[5:]
+        saved = [t if t is None else t.detach().requires_grad_(needed)
+                 for t, needed in zip(ctx.saved_tensors, needs_grad)]
+        inputs, params = saved[:ctx.num_inputs], saved[ctx.num_inputs:]
+        tensors = {"cell." + name: p for name, p in zip(ctx.names, params)}
         # Training-mode BatchNorm normalises with batch statistics; the running
         # statistics were updated by the forward and must not be updated twice.
-        tensors.update((name, b.clone()) for name, b in ctx.cell.named_buffers())
+        tensors.update(("cell." + name, b.clone()) for module in ctx.modules
+                       for name, b in ctx.cell.get_submodule(module).named_buffers(prefix=module))
         device, autocast, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
-            out = functional_call(ctx.cell, tensors, tuple(inputs[:5]))
-        wanted = [t for t, needed in zip(inputs, needs_grad) if needed]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-        return (None, None, *(next(grads) if needed else None for needed in needs_grad))
+            outputs = functional_call(_Part(ctx.cell, ctx.part), tensors, tuple(inputs))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        # (An output may not depend on anything that needs a gradient, e.g. the
+        # preprocessing of a cell input computed from detached weights.)
+        differentiable = [(out, grad) for out, grad in zip(outputs, grad_outputs) if out.requires_grad]
+        wanted = [t for t, needed in zip(saved, needs_grad) if needed]
+        grads = iter(torch.autograd.grad([out for out, _ in differentiable],
+                                         wanted, [grad for _, grad in differentiable],
+                                         allow_unused=True))
+        return (None,) * 5 + tuple(next(grads) if needed else None for needed in needs_grad)
 
 
 class Network(nn.Module):
     """The search supernet.  ``forward(x)`` returns logits.
 
     ``recompute=True`` keeps only each cell's inputs during a training forward and
-    recomputes the cell in backward (``RecomputedCell``): the same gradients for
+    recomputes each part of a cell in backward (``RecomputedPart``): the same gradients for
     about half the memory, at the price of one more forward pass."""
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion: nn.Module,
@@ -309,12 +364,7 @@ class Network(nn.Module):
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             cell_weights = weights["reduce" if cell.reduction else "normal"]
-            if recompute:
-                params = dict(cell.named_parameters())
-                out = RecomputedCell.apply(cell, list(params), s0, s1, *cell_weights, *params.values())
-            else:
-                out = cell(s0, s1, *cell_weights)
-            s0, s1 = s1, out
+            s0, s1 = s1, cell(s0, s1, *cell_weights, recompute=recompute)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

@@ -433,7 +433,7 @@ def test_recompute_applies_to_training_forwards_only():
         assert torch.allclose(recomputed(images), plain(images), rtol=1e-12, atol=1e-12)
     plain.eval(), recomputed.eval()
     out = recomputed(images)
-    assert out.grad_fn is not None and "RecomputedCell" not in str(_graph_nodes(out))
+    assert out.grad_fn is not None and "RecomputedPartBackward" not in str(_graph_nodes(out))
     assert torch.allclose(out, plain(images), rtol=1e-12, atol=1e-12)
 
 
@@ -451,7 +451,7 @@ def test_recomputed_cells_differentiate_substituted_parameters():
     """The architect runs the network on virtual/perturbed weights through
     functional_call; backward must recompute with those tensors, not the module's."""
     plain, recomputed, images, targets = _pair("after_every")
-    assert "RecomputedCellBackward" in _graph_nodes(recomputed.loss(images, targets))
+    assert "RecomputedPartBackward" in _graph_nodes(recomputed.loss(images, targets))
 
     def grads(network):
         substituted = {name: (p.detach() * 1.1).requires_grad_(True)
