@@ -405,9 +405,10 @@ def test_recomputed_cells_give_the_same_gradients_and_statistics(location):
         assert torch.equal(a, b), name
 
 
-def test_recomputation_keeps_only_the_inputs_of_each_cell():
+def test_recomputation_keeps_only_the_inputs_of_each_part():
     """What a training forward keeps for backward (parameters aside): with recompute,
-    the cells' inputs only; measured through the saved-tensor hooks."""
+    only the inputs of the cells' parts (preprocessings, nodes, cell end), which are
+    the cells' inputs and node outputs; measured through the saved-tensor hooks."""
     plain, recomputed, images, targets = _pair("after_every", torch.float32)
 
     def kept_bytes(network):
