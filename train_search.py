@@ -64,9 +64,9 @@ parser.add_argument("--location", default=AttLocation.AFTER_EVERY.value,
                     help="where attention is searched: " + ", ".join(loc.value for loc in AttLocation))
 parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
 parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
-                    help="keep only each cell's inputs in the training forward passes and recompute "
-                         "the cell during backward: same gradients, about half the memory, one more "
-                         "forward per pass")
+                    help="keep only the inputs of each part of a cell (preprocessings, nodes, cell "
+                         "end) in the training forward passes and recompute the part during backward: "
+                         "same gradients, far less memory, one more forward per pass")
 add_precision_flags(parser, channels_last_default="auto")
 
 HISTORY = "arch_history.jsonl"
