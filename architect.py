@@ -18,7 +18,6 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 from model_search import Network
 from parallel import all_reduce_mean_, broadcast_, unwrap
@@ -48,8 +47,7 @@ class Architect:
         # supernets, bfloat16 forwards put the architecture gradient 13-25% off the
         # float32 one and wash out the finite difference (w +- eps v rounds back to w).
         with torch.autocast(x.device.type, enabled=False):
-            logits = functional_call(self.network, tensors, (x,))
-        return self.network._criterion(logits, target)
+            return self.network.loss(x, target, tensors)
 
     @staticmethod
     def _grad(loss: torch.Tensor, inputs: List[torch.Tensor]) -> List[torch.Tensor]:

@@ -278,10 +278,7 @@ class Network(nn.Module):
                  recompute: bool = False):
         super().__init__()
         self.recompute = recompute
-        self._C = C
-        self._num_classes = num_classes
-        self._layers = layers
-        self._criterion = criterion
+        self.criterion = criterion
         self._steps = steps
         self._multiplier = multiplier
         self.location = AttLocation.parse(location)
@@ -369,8 +366,17 @@ class Network(nn.Module):
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._criterion(self(x), target)
+    def loss(self, x: torch.Tensor, target: torch.Tensor,
+             tensors: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The criterion on the logits of ``x``; ``tensors`` (name -> tensor) stand in
+        for parameters and buffers (``torch.func.functional_call``), as the
+        architect's virtual and perturbed weights do."""
+        logits = self(x) if tensors is None else functional_call(self, tensors, (x,))
+        return self.logits_loss(logits, target)
+
+    def logits_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The criterion, computed in at least float32 (autocast gives bfloat16 logits)."""
+        return self.criterion(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
 
     # -- derivation -----------------------------------------------------------
     def softmaxed_arch(self) -> Dict[str, List]:

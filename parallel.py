@@ -66,8 +66,13 @@ def wrap(model: nn.Module, runtime: Runtime, ignore: Sequence[str] = ()) -> nn.M
     parameters: their gradients are reduced by the architect, not by DDP)."""
     if runtime.distributed:
         if ignore:
+            # DDP's reducer spells the name of a parameter registered on the root
+            # module with a leading dot (".alphas_normal"), while the rest of DDP
+            # uses the plain name: give both, or the reducer waits for gradients
+            # the weight step never produces and fails at the second iteration.
+            names = list(ignore) + [f".{name}" for name in ignore if "." not in name]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, list(ignore))
+                model, names)
         device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if runtime.device.type == "cuda" and torch.cuda.device_count() > 1:

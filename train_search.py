@@ -93,7 +93,7 @@ def search_epoch(model: nn.Module, network: Network, architect: Architect, train
 
         with network.frozen_architecture(), precision.autocast():
             logits = model(images)
-            loss = network._criterion(logits.float(), targets)
+            loss = network.logits_loss(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
         precision.scaler.unscale_(optimizer)
@@ -118,7 +118,7 @@ def evaluate(model: nn.Module, network: Network, loader, precision: Precision,
         images, targets = to_device(images, targets, runtime, channels_last)
         with precision.autocast():
             logits = model(images)
-        metrics.update(network._criterion(logits.float(), targets), logits, targets)
+        metrics.update(network.logits_loss(logits, targets), logits, targets)
     return metrics.total(runtime.device)
 
 

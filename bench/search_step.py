@@ -87,7 +87,7 @@ def run_one(config: dict) -> dict:
     def iteration() -> None:
         architect.step(x, y, xv, yv, 0.025)
         with network.frozen_architecture(), precision.autocast():
-            loss = network._criterion(network(x).float(), y)
+            loss = network.logits_loss(network(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(network.weights(), 5.0)

@@ -94,7 +94,7 @@ def exact_hypergradient(network: Network, optimizer: torch.optim.SGD, train, val
 
     def loss(w: Dict[str, torch.Tensor], batch) -> torch.Tensor:
         tensors = {**w, **arch, **{k: b.clone() for k, b in buffers.items()}}
-        return network._criterion(functional_call(network, tensors, (batch[0],)), batch[1])
+        return network.criterion(functional_call(network, tensors, (batch[0],)), batch[1])
 
     grads = torch.autograd.grad(loss(weights, train), list(weights.values()), create_graph=True)
     virtual = {}
@@ -217,7 +217,7 @@ def test_first_order_gradient_is_the_validation_gradient(location):
     network, optimizer, _, (images, targets) = _searched_network(location)
     architect = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=False)
     got = architect.first_order_gradient(images, targets)
-    loss = network._criterion(network(images).float(), targets)
+    loss = network.criterion(network(images).float(), targets)
     expected = torch.autograd.grad(loss, network.arch_parameters())
     assert len(got) == len(expected)
     for g, e in zip(got, expected):

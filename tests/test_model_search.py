@@ -458,7 +458,7 @@ def test_recomputed_cells_differentiate_substituted_parameters():
         substituted = {name: (p.detach() * 1.1).requires_grad_(True)
                        for name, p in network.named_parameters()}
         loss = functional_call(network, substituted, (images,))
-        return torch.autograd.grad(network._criterion(loss, targets), list(substituted.values()))
+        return torch.autograd.grad(network.criterion(loss, targets), list(substituted.values()))
 
     for g, e in zip(grads(recomputed), grads(plain)):
         assert torch.allclose(g, e, rtol=1e-9, atol=1e-12)
