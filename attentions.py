@@ -2,10 +2,14 @@
 
 Every module maps a (B, C, H, W) tensor to the same shape and is built from
 ``(channels, height, width)`` so all of them share one constructor signature.
-Learnable parts live in a sub-module named ``_mask``: that name is part of the
-checkpoint layout of the published models.  The reduction ratio is 16; the
-hidden width is at least 1 so very narrow (test) networks still build.
+Learnable parts live in a sub-module named ``_mask``, and the layers inside it
+carry the original release's names (SE's ``excitation``, Gather-Excite's
+``downop``/``mlp`` ...): together they are the checkpoint layout of the published
+models.  The reduction ratio is 16; the hidden width is at least 1 so very narrow
+(test) networks still build.
 """
+import re
+from collections import OrderedDict
 from typing import Dict, Type
 
 import torch
@@ -36,21 +40,30 @@ class IdentityAttention(nn.Module):
         return x
 
 
+class SEMask(nn.Module):
+    """Squeeze (global average) then excitation (bottleneck MLP -> sigmoid)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = hidden_width(channels)
+        self.excitation = nn.Sequential(
+            nn.Linear(channels, hidden, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeezed = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.excitation(squeezed)[:, :, None, None]
+
+
 class SE(Attention):
     """Squeeze-and-Excitation (Hu et al.): channel mask from the global average."""
 
     def __init__(self, channels: int, height: int, width: int):
         super().__init__()
-        hidden = hidden_width(channels)
-        self._mask = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(channels, hidden, bias=False),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, channels, bias=False),
-            nn.Sigmoid(),
-            nn.Unflatten(1, (channels, 1, 1)),
-        )
+        self._mask = SEMask(channels)
 
 
 class BAMChannelGate(nn.Module):
@@ -181,11 +194,12 @@ class GEThetaPlusMask(nn.Module):
     def __init__(self, channels: int, height: int, width: int):
         super().__init__()
         hidden = hidden_width(channels)
-        self.gather = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size=(height, width), groups=channels, bias=False),
-            nn.BatchNorm2d(channels),
-        )
-        self.excite = nn.Sequential(
+        self.downop = nn.Sequential(OrderedDict(
+            dwconv=nn.Conv2d(channels, channels, kernel_size=(height, width), groups=channels,
+                             bias=False),
+            bn=nn.BatchNorm2d(channels),
+        ))
+        self.mlp = nn.Sequential(
             nn.Conv2d(channels, hidden, kernel_size=1, bias=False),
             nn.ReLU(),
             nn.Conv2d(hidden, channels, kernel_size=1, bias=False),
@@ -194,7 +208,7 @@ class GEThetaPlusMask(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The gathered map is 1x1 (global extent); resizing it back to HxW is a
         # broadcast, so the (B, C, 1, 1) mask is returned as is.
-        return torch.sigmoid(self.excite(self.gather(x)))
+        return torch.sigmoid(self.mlp(self.downop(x)))
 
 
 class GEThetaPlus(Attention):
@@ -252,3 +266,25 @@ def build_attention(name: str, channels: int, height: int, width: int) -> nn.Mod
     if name not in ATTENTIONS:
         raise KeyError(f"unknown attention {name!r}; valid: {', '.join(ATTENTIONS)}")
     return ATTENTIONS[name](channels, height, width)
+
+
+# This project's earlier names inside ``_mask`` -> the original's (SE, then GE).
+LEGACY_RENAMES = [
+    (re.compile(r"(^|\.)_mask\.2\.weight$"), r"\1_mask.excitation.0.weight"),
+    (re.compile(r"(^|\.)_mask\.4\.weight$"), r"\1_mask.excitation.2.weight"),
+    (re.compile(r"(^|\.)_mask\.gather\.0\."), r"\1_mask.downop.dwconv."),
+    (re.compile(r"(^|\.)_mask\.gather\.1\."), r"\1_mask.downop.bn."),
+    (re.compile(r"(^|\.)_mask\.excite\."), r"\1_mask.mlp."),
+]
+
+
+def upgrade_legacy_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` with this project's earlier SE / Gather-Excite key
+    names (``_mask.2``/``_mask.4``, ``_mask.gather``/``_mask.excite``) renamed to the
+    original's; every other key, already-new ones included, is kept as is."""
+    upgraded = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in LEGACY_RENAMES:
+            key = pattern.sub(replacement, key)
+        upgraded[key] = value
+    return upgraded

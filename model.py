@@ -1,26 +1,33 @@
 """Final networks built from a genotype: CIFAR and ImageNet, with auxiliary heads.
 
-Module names (``_first_layers``, ``_second_layers``, ``auxiliary_head`` ...) follow
-the original release so its published checkpoints load unchanged.
+Module names (``_first_layers``, ``_second_layers``, ``auxiliary_head`` ...) and
+nesting follow the original release so its published checkpoints load unchanged;
+``upgrade_state_dict`` renames the keys of this project's earlier checkpoints.
 """
-from typing import List, Optional, Tuple
+import re
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from attentions import ATTENTIONS, build_attention
+from attentions import ATTENTIONS, build_attention, upgrade_legacy_keys
 from genotypes import Genotype
 from operations import OPS, FactorizedReduce, ReLUConvBN, halve, is_identity_op
 
 
-def build_first_layer(name: str, C: int, stride: int, height: int, width: int) -> nn.Module:
-    """An edge's first element: an op, or (mixed locations) an attention, which on a
-    stride-2 edge is preceded by a FactorizedReduce to match the other edges."""
+def build_first_layer(name: str, C: int, stride: int, reduction: bool,
+                      height: int, width: int) -> nn.Module:
+    """An edge's first element: an op, or (mixed locations) an attention.
+
+    In a reduction cell the original wraps such an attention as
+    ``Sequential(skip_connect(C, stride, affine=False), attention)`` on every edge:
+    a FactorizedReduce at stride 2, a parameter-free identity at stride 1.  Normal
+    cells keep the bare attention."""
     if name in ATTENTIONS:
         attention = build_attention(name, C, height, width)
-        if stride == 1:
+        if not reduction:
             return attention
-        return nn.Sequential(FactorizedReduce(C, C, affine=False), attention)
+        return nn.Sequential(OPS["skip_connect"](C, stride, False), attention)
     return OPS[name](C, stride, True)
 
 
@@ -70,10 +77,10 @@ class Cell(nn.Module):
         # published models were trained with.
         self._droppable: List[bool] = []
         for edge in edges:
-            op_name, index = edge[0], edge[1]
-            attention_name = edge[2] if len(edge) > 2 else ""
+            op_name, index, attention_name = edge
             stride = 2 if reduction and index < 2 else 1
-            self._first_layers.append(build_first_layer(op_name, C, stride, height, width))
+            self._first_layers.append(
+                build_first_layer(op_name, C, stride, reduction, height, width))
             self._second_layers.append(build_second_layer(attention_name, C, height, width))
             self._droppable.append(not passes_through(op_name, stride)
                                    and not passes_through(attention_name, 1))
@@ -145,7 +152,7 @@ class _Network(nn.Module):
 
     def _build_cells(self, genotype: Genotype, layers: int, C_prev_prev: int, C_prev: int,
                      C_curr: int, reduction_prev: bool, size: int, auxiliary: bool,
-                     num_classes: int) -> int:
+                     num_classes: int) -> Tuple[int, Optional[int]]:
         self.cells = nn.ModuleList()
         self._auxiliary_index = 2 * layers // 3
         C_aux = None
@@ -228,3 +235,29 @@ class NetworkImageNet(_Network):
         s0 = self.stem0(x)
         s1 = self.stem1(s0)
         return self._forward_cells(s0, s1)
+
+
+# A bare attention as an edge's first element; this project's earlier layout had
+# it bare at stride 1 in reduction cells too.
+BARE_FIRST_ATTENTION = re.compile(r"(_first_layers\.\d+)\._mask\.")
+
+
+def upgrade_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
+                       ) -> Dict[str, torch.Tensor]:
+    """``state_dict`` (keys named as in ``model``, no ``module.`` prefix) with this
+    project's earlier layouts moved to the current one.
+
+    Renames the SE / Gather-Excite layers (``attentions.upgrade_legacy_keys``) and
+    moves a bare attention-first edge ``..._first_layers.E._mask...`` to
+    ``..._first_layers.E.1._mask...`` where ``model`` expects the latter (reduction
+    cells).  Keys that fit neither stay as they are, so a mismatch check on the
+    result still reports them."""
+    expected = model.state_dict().keys()
+    upgraded = {}
+    for key, value in upgrade_legacy_keys(state_dict).items():
+        if key not in expected:
+            moved = BARE_FIRST_ATTENTION.sub(r"\1.1._mask.", key, count=1)
+            if moved in expected:
+                key = moved
+        upgraded[key] = value
+    return upgraded

@@ -1,4 +1,4 @@
-"""Attention modules (SPEC §2), checked against straightforward re-computations."""
+"""Attention modules, checked against straightforward re-computations."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import genotypes
-from attentions import ATTENTIONS, build_attention
+from attentions import ATTENTIONS, build_attention, upgrade_legacy_keys
 
 SPEC_ATTN_PRIMITIVES = ["Identity", "SE", "BAM", "CBAM", "GE_theta-plus", "DoubleAttention"]
 NON_IDENTITY = SPEC_ATTN_PRIMITIVES[1:]
@@ -311,3 +311,55 @@ def test_ge_theta_plus_uses_the_given_spatial_size():
     depthwise = [m for m in att.modules() if isinstance(m, nn.Conv2d)][0]
     assert depthwise.kernel_size == (7, 5)
     assert att(torch.randn(2, 8, 7, 5)).shape == (2, 8, 7, 5)
+
+
+# -- checkpoint names ----------------------------------------------------------------
+
+# The original release's names inside _mask, in registration order.
+ORIGINAL_NAMES = {
+    "SE": ["_mask.excitation.0.weight", "_mask.excitation.2.weight"],
+    "GE_theta-plus": ["_mask.downop.dwconv.weight", "_mask.downop.bn.weight",
+                      "_mask.downop.bn.bias", "_mask.downop.bn.running_mean",
+                      "_mask.downop.bn.running_var", "_mask.downop.bn.num_batches_tracked",
+                      "_mask.mlp.0.weight", "_mask.mlp.2.weight"],
+}
+
+# This project's earlier names of the same entries.
+LEGACY_NAMES = {
+    "SE": ["_mask.2.weight", "_mask.4.weight"],
+    "GE_theta-plus": ["_mask.gather.0.weight", "_mask.gather.1.weight", "_mask.gather.1.bias",
+                      "_mask.gather.1.running_mean", "_mask.gather.1.running_var",
+                      "_mask.gather.1.num_batches_tracked",
+                      "_mask.excite.0.weight", "_mask.excite.2.weight"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINAL_NAMES))
+def test_state_dict_names_follow_the_original(name):
+    att = build_attention(name, 32, 6, 6)
+    assert list(att.state_dict()) == ORIGINAL_NAMES[name]
+
+
+@pytest.mark.parametrize("prefix", ["", "cells.3._second_layers.5.", "cells.0._ops.2.1."])
+@pytest.mark.parametrize("name", sorted(ORIGINAL_NAMES))
+def test_upgrade_legacy_keys_renames_to_the_original(name, prefix):
+    state = build_attention(name, 32, 6, 6).state_dict()
+    legacy = {prefix + old: state[new]
+              for old, new in zip(LEGACY_NAMES[name], ORIGINAL_NAMES[name])}
+    legacy["classifier.weight"] = torch.zeros(3)
+    upgraded = upgrade_legacy_keys(legacy)
+    assert list(upgraded) == [prefix + k for k in ORIGINAL_NAMES[name]] + ["classifier.weight"]
+    for new in ORIGINAL_NAMES[name]:
+        assert upgraded[prefix + new] is state[new]
+    # Already-current keys are left alone.
+    assert list(upgrade_legacy_keys(upgraded)) == list(upgraded)
+
+
+def test_upgrade_legacy_keys_leaves_other_attentions_alone():
+    state = {}
+    for name in ["BAM", "CBAM", "DoubleAttention"]:
+        entries = build_attention(name, 32, 6, 6).state_dict()
+        state.update({f"{name}.{k}": v for k, v in entries.items()})
+    upgraded = upgrade_legacy_keys(state)
+    assert list(upgraded) == list(state)
+    assert all(upgraded[k] is v for k, v in state.items())
