@@ -1,4 +1,4 @@
-"""The architecture step of the bilevel search (SPEC §7).
+"""The architecture step of the bilevel search.
 
 First order:  grad_A L_val(w, A).
 Second order: grad_A L_val(w', A) - xi * [grad_A L_train(w+, A) - grad_A L_train(w-, A)] / (2 eps)

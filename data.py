@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
+from errors import UserError
 from parallel import Runtime
-from utils import UserError
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -85,23 +85,19 @@ def held_out_folder(data_dir: str) -> Optional[str]:
     return None
 
 
-def cifar_split(data_dir: str, dataset: str, train: bool, cutout_length: int = 0,
-                augment: Optional[bool] = None) -> Dataset:
-    """The CIFAR train or test split: ``DIR/train`` / ``DIR/test|val`` image folders
-    when present, else torchvision's CIFAR under DIR (downloaded on first use).
-
-    ``augment`` defaults to ``train`` (the training split is augmented)."""
-    augment = train if augment is None else augment
+def cifar_split(data_dir: str, dataset: str, train: bool, cutout_length: int = 0) -> Dataset:
+    """The CIFAR train split (augmented) or test split: ``DIR/train`` / ``DIR/test|val``
+    image folders when present, else torchvision's CIFAR under DIR (downloaded on first use)."""
     train_folder = os.path.join(data_dir, "train")
     if os.path.isdir(train_folder):
         path = train_folder if train else held_out_folder(data_dir)
         if path is None:
             raise UserError(f"{data_dir} has a train/ folder but no test/ or val/ folder "
                             f"for evaluation; add one (same class subfolders)")
-        return _folder(path, cifar_transforms(dataset, augment, cutout_length, from_folder=True))
+        return _folder(path, cifar_transforms(dataset, train, cutout_length, from_folder=True))
     if dataset not in CIFAR_CLASSES:
         raise UserError(f"unknown dataset {dataset!r}; valid: {', '.join(CIFAR_CLASSES)}")
-    transform = cifar_transforms(dataset, augment, cutout_length)
+    transform = cifar_transforms(dataset, train, cutout_length)
     try:
         return CIFAR_CLASSES[dataset](root=data_dir, train=train, download=True, transform=transform)
     except Exception as error:  # network errors come as URLError, OSError, RuntimeError...

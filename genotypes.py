@@ -6,8 +6,17 @@ triples ``(op, input_index, attention)``.  ``op`` is a name from ``PRIMITIVES``
 from ``ATTN_PRIMITIVES`` or ``''`` when the edge has none.  Input 0 and 1 are the
 cell's two inputs, input ``k >= 2`` is intermediate node ``k - 2``.  The
 bottlenecks are cell-end attentions applied after the concatenation (``''``: none).
+
+A genotype's file form is ``genotype.json`` (written by the search, read by
+``--arch_path`` and visualize.py): ``genotype_to_dict`` and ``save_genotype`` write it,
+``load_genotype`` reads and validates it.
 """
+import json
 from collections import namedtuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from atomic import atomic_write_text
+from errors import UserError
 
 Genotype = namedtuple(
     "Genotype",
@@ -37,6 +46,10 @@ ATTN_PRIMITIVES = [
     "GE_theta-plus",
     "DoubleAttention",
 ]
+
+# Every operation a final cell may use (operations.OPS builds each one): the search
+# primitives plus the two that only NASNet and AmoebaNet use.
+OPERATIONS = PRIMITIVES + ["sep_conv_7x7", "conv_7x1_1x7"]
 
 
 def _without_attention(pairs):
@@ -144,3 +157,120 @@ NAMED_GENOTYPES = {
     "DARTS": DARTS,
     "Att_DARTS": Att_DARTS,
 }
+
+
+# -- the JSON form ---------------------------------------------------------------------
+
+GENOTYPE_FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat",
+                   "normal_bottleneck", "reduce_bottleneck")
+# What an edge may hold: an operation (or, from the mixed locations, an attention)
+# first; then an attention (or, from double_mixed, an operation) or nothing.
+FIRST_ELEMENTS = [name for name in OPERATIONS if name != "none"] + ATTN_PRIMITIVES
+SECOND_ELEMENTS = [""] + ATTN_PRIMITIVES + [name for name in OPERATIONS if name != "none"]
+BOTTLENECKS = [""] + ATTN_PRIMITIVES
+
+
+def genotype_to_dict(genotype: Genotype) -> Dict[str, Any]:
+    """The JSON form of a genotype; pairs (cells written in DARTS' own form, as
+    ``(op, input)``) gain '' as their attention."""
+    def triples(edges):
+        return [[edge[0], int(edge[1]), edge[2] if len(edge) > 2 else ""] for edge in edges]
+    return {
+        "normal": triples(genotype.normal),
+        "normal_concat": list(genotype.normal_concat),
+        "reduce": triples(genotype.reduce),
+        "reduce_concat": list(genotype.reduce_concat),
+        "normal_bottleneck": genotype.normal_bottleneck or "",
+        "reduce_bottleneck": genotype.reduce_bottleneck or "",
+    }
+
+
+def save_genotype(genotype: Genotype, path: str) -> None:
+    atomic_write_text(path, json.dumps(genotype_to_dict(genotype), indent=2) + "\n")
+
+
+def _check_choice(value: Any, valid: Sequence[str], where: str, what: str) -> str:
+    if not isinstance(value, str) or value not in valid:
+        shown = ", ".join(repr(v) for v in valid)
+        raise UserError(f"{where}: unknown {what} {value!r}; valid: {shown}")
+    return value
+
+
+def _parse_edges(value: Any, where: str) -> List[Tuple[str, int, str]]:
+    if not isinstance(value, list) or len(value) < 2 or len(value) % 2:
+        raise UserError(f"{where}: expected a list of an even number of [op, input, attention] "
+                        f"entries (two per node), got {value!r}")
+    edges = []
+    for position, edge in enumerate(value):
+        here = f"{where}[{position}]"
+        if not isinstance(edge, (list, tuple)) or len(edge) not in (2, 3):
+            raise UserError(f"{here}: expected [op, input index] or [op, input index, attention], "
+                            f"got {edge!r}")
+        op = _check_choice(edge[0], FIRST_ELEMENTS, here, "operation")
+        index = edge[1]
+        node = position // 2
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < node + 2:
+            raise UserError(f"{here}: input index {index!r} is invalid for node {node}; "
+                            f"valid: 0..{node + 1} (0, 1: cell inputs, k >= 2: node k-2)")
+        attention = edge[2] if len(edge) == 3 else ""
+        attention = _check_choice(attention, SECOND_ELEMENTS, here, "attention")
+        edges.append((op, index, attention))
+    return edges
+
+
+def _parse_concat(value: Any, num_nodes: int, where: str) -> List[int]:
+    valid = range(num_nodes + 2)
+    if (not isinstance(value, list) or not value
+            or any(isinstance(i, bool) or not isinstance(i, int) or i not in valid for i in value)):
+        raise UserError(f"{where}: expected a non-empty list of state indices in "
+                        f"0..{num_nodes + 1}, got {value!r}")
+    return list(value)
+
+
+def genotype_from_dict(data: Any, source: str = "genotype") -> Genotype:
+    """Validate and build a genotype from its JSON form; errors name the source and field.
+
+    Edges may be pairs (the cells published with DARTS): they get '' as attention.
+    Missing bottleneck fields mean ''."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a JSON object with fields {', '.join(GENOTYPE_FIELDS)}")
+    unknown = sorted(set(data) - set(GENOTYPE_FIELDS))
+    if unknown:
+        raise UserError(f"{source}: unknown field {unknown[0]!r}; valid: {', '.join(GENOTYPE_FIELDS)}")
+    fields: Dict[str, Any] = {}
+    for kind in ("normal", "reduce"):
+        for key in (kind, f"{kind}_concat"):
+            if key not in data:
+                raise UserError(f"{source}: missing field {key!r}")
+        edges = _parse_edges(data[kind], f"{source}: field {kind!r}")
+        fields[kind] = edges
+        fields[f"{kind}_concat"] = _parse_concat(data[f"{kind}_concat"], len(edges) // 2,
+                                                 f"{source}: field '{kind}_concat'")
+        fields[f"{kind}_bottleneck"] = _check_choice(
+            data.get(f"{kind}_bottleneck", ""), BOTTLENECKS,
+            f"{source}: field '{kind}_bottleneck'", "attention")
+    return Genotype(**fields)
+
+
+def load_genotype(path: str) -> Genotype:
+    """Read a ``genotype.json``, with one-line errors naming the file and the field."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as error:
+        raise UserError(f"cannot read genotype file {path}: {error.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    return genotype_from_dict(data, path)
+
+
+def resolve_genotype(arch: Optional[str], arch_path: Optional[str]) -> Genotype:
+    """``--arch_path`` (a JSON file) wins over ``--arch`` (a name in ``NAMED_GENOTYPES``)."""
+    if arch_path:
+        return load_genotype(arch_path)
+    if arch not in NAMED_GENOTYPES:
+        raise UserError(f"unknown --arch {arch!r}; valid: {', '.join(NAMED_GENOTYPES)} "
+                        f"(or give a genotype.json with --arch_path)")
+    return NAMED_GENOTYPES[arch]

@@ -143,13 +143,6 @@ def halve(size: int) -> int:
     return (size + 1) // 2
 
 
-def build_op(name: str, C: int, stride: int, affine: bool) -> nn.Module:
-    """Build the operation ``name`` on C channels."""
-    if name not in OPS:
-        raise KeyError(f"unknown operation {name!r}; valid: {', '.join(OPS)}")
-    return OPS[name](C, stride, affine)
-
-
 def is_identity_op(name: str, stride: int) -> bool:
     """True when the op passes its input through unchanged (no drop-path on it)."""
     return name == "skip_connect" and stride == 1

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
@@ -27,9 +26,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-import utils
+from atomic import atomic_write
+from errors import UserError, run_cli
+from history import HISTORY
 
-HISTORY_NAME = "arch_history.jsonl"
 CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # NaN: epoch without it
 _PARAM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _METRICS = ("train_acc", "valid_acc", "train_loss", "valid_loss", "lr")
@@ -37,7 +37,7 @@ _METRICS = ("train_acc", "valid_acc", "train_loss", "valid_loss", "lr")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Plot the architecture-parameter history of a search run.")
-    parser.add_argument("run_dir", help="search run directory holding " + HISTORY_NAME)
+    parser.add_argument("run_dir", help="search run directory holding " + HISTORY)
     parser.add_argument("--out_dir", default=None, help="where the PNGs go (default: RUN_DIR/plots)")
     return parser.parse_args()
 
@@ -49,14 +49,14 @@ def read_history(path: str) -> List[Dict[str, Any]]:
 
     Blank lines are skipped; a missing or empty file, a line that is not a JSON
     object, a record without an ``"arch"`` object, or architecture parameters whose
-    shapes or candidate lists do not fit raise ``utils.UserError``."""
+    shapes or candidate lists do not fit raise ``UserError``."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except FileNotFoundError:
-        raise utils.UserError(f"{path}: no such file (has the search finished an epoch?)") from None
+        raise UserError(f"{path}: no such file (has the search finished an epoch?)") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise utils.UserError(f"{path}: cannot read: {error}") from None
+        raise UserError(f"{path}: cannot read: {error}") from None
     history: List[Dict[str, Any]] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -64,18 +64,18 @@ def read_history(path: str) -> List[Dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise utils.UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(record, dict):
-            raise utils.UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         if not isinstance(record.get("arch"), dict):
-            raise utils.UserError(f"{path}:{number}: no \"arch\" object")
+            raise UserError(f"{path}:{number}: no \"arch\" object")
         history.append(record)
     if not history:
-        raise utils.UserError(f"{path}: empty, no epoch recorded")
+        raise UserError(f"{path}: empty, no epoch recorded")
     try:
         collect_params(history)  # shapes and candidate names, reported against this file
-    except utils.UserError as error:
-        raise utils.UserError(f"{path}: {error}") from None
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
     return history
 
 
@@ -91,7 +91,7 @@ def _as_matrix(value: Any, param: str, epoch: Any) -> np.ndarray:
     except (TypeError, ValueError):
         array = None
     if array is None or array.ndim not in (1, 2) or array.size == 0:
-        raise utils.UserError(f"epoch {epoch}: arch.{param} is not a non-empty list (of lists) of numbers")
+        raise UserError(f"epoch {epoch}: arch.{param} is not a non-empty list (of lists) of numbers")
     return array
 
 
@@ -108,18 +108,18 @@ def collect_params(history: Sequence[Dict[str, Any]]) -> Dict[str, Tuple[np.ndar
         arrays = {}
         for param, value in record["arch"].items():
             if not _PARAM_NAME.match(str(param)):
-                raise utils.UserError(f"epoch {epoch}: unusable parameter name {param!r}")
+                raise UserError(f"epoch {epoch}: unusable parameter name {param!r}")
             array = _as_matrix(value, param, epoch)
             if param not in shapes:
                 shapes[param] = array.shape
             elif shapes[param] != array.shape:
-                raise utils.UserError(f"epoch {epoch}: arch.{param} has shape {list(array.shape)}, "
+                raise UserError(f"epoch {epoch}: arch.{param} has shape {list(array.shape)}, "
                                       f"earlier epochs {list(shapes[param])}")
             arrays[param] = array
             candidates = (record.get("candidates") or {}).get(param)
             if candidates is not None and param not in names:
                 if not isinstance(candidates, list) or len(candidates) != array.shape[-1]:
-                    raise utils.UserError(f"epoch {epoch}: candidates.{param} does not list "
+                    raise UserError(f"epoch {epoch}: candidates.{param} does not list "
                                           f"{array.shape[-1]} names")
                 names[param] = [str(name) for name in candidates]
         per_epoch.append(arrays)
@@ -136,17 +136,8 @@ def collect_params(history: Sequence[Dict[str, Any]]) -> Dict[str, Tuple[np.ndar
 # -- plotting ------------------------------------------------------------------------
 
 def _save(fig: Figure, path: str) -> None:
-    """Write a figure as PNG atomically: temporary file in the same folder, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write a figure as PNG atomically."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _new_figure(width: float, height: float, layout: Optional[str] = "constrained") -> Figure:
@@ -302,13 +293,13 @@ def plot_history(history: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
 
     Returns the paths written, parameters first (in first-seen order), curves last."""
     if not history:
-        raise utils.UserError("empty history: nothing to plot")
+        raise UserError("empty history: nothing to plot")
     params = collect_params(history)
     epochs = _epochs(history)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as error:
-        raise utils.UserError(f"{out_dir}: cannot create the output folder: {error}") from None
+        raise UserError(f"{out_dir}: cannot create the output folder: {error}") from None
     written: List[str] = []
     try:
         for param, (values, names) in params.items():
@@ -322,19 +313,19 @@ def plot_history(history: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
         plot_curves(history, path)
         written.append(path)
     except OSError as error:
-        raise utils.UserError(f"{out_dir}: cannot write a plot: {error}") from None
+        raise UserError(f"{out_dir}: cannot write a plot: {error}") from None
     return written
 
 
 def main() -> None:
     args = parse_args()
     if not os.path.isdir(args.run_dir):
-        raise utils.UserError(f"{args.run_dir}: not a directory")
-    history = read_history(os.path.join(args.run_dir, HISTORY_NAME))
+        raise UserError(f"{args.run_dir}: not a directory")
+    history = read_history(os.path.join(args.run_dir, HISTORY))
     out_dir = args.out_dir if args.out_dir is not None else os.path.join(args.run_dir, "plots")
     for path in plot_history(history, out_dir):
         print(path)
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

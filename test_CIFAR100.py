@@ -1,11 +1,11 @@
-"""Test trained weights on the CIFAR-100 test split (SPEC §8).
+"""Test trained weights on the CIFAR-100 test split.
 
     python test_CIFAR100.py --auxiliary --model_path cifar100_att.pt --arch Att_DARTS
 """
 import argparse
 
 import training
-import utils
+from errors import run_cli
 
 parser = argparse.ArgumentParser(description="Report the top-1 accuracy and error of trained "
                                              "weights on the CIFAR-100 test split.")
@@ -17,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

@@ -1,11 +1,11 @@
-"""Test trained weights on the ImageNet validation split (SPEC §8).
+"""Test trained weights on the ImageNet validation split.
 
     python test_imagenet.py --auxiliary --model_path imagenet_att.pt --arch Att_DARTS --data DIR
 """
 import argparse
 
 import training
-import utils
+from errors import run_cli
 
 parser = argparse.ArgumentParser(description="Report the top-1 and top-5 accuracy and error of "
                                              "trained weights on the ImageNet val/ folder.")
@@ -17,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

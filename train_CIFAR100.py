@@ -1,4 +1,4 @@
-"""Train a final network on CIFAR-100 from scratch (SPEC §8).
+"""Train a final network on CIFAR-100 from scratch.
 
     python train_CIFAR100.py --auxiliary --cutout --arch Att_DARTS
     python -m torch.distributed.run --nproc_per_node 4 train_CIFAR100.py --auxiliary --cutout
@@ -8,7 +8,8 @@ import argparse
 import torch.nn as nn
 
 import training
-import utils
+from errors import run_cli
+from experiment import cosine_schedule
 
 parser = argparse.ArgumentParser(description="Train a final Att-DARTS network on CIFAR-100 from "
                                              "scratch; the run ends by testing trained.pt.")
@@ -17,8 +18,8 @@ training.add_train_args(parser, training.CIFAR_DEFAULTS, cutout=True)
 
 def main() -> None:
     args = parser.parse_args()
-    training.train(args, "cifar100", nn.CrossEntropyLoss(), training.cosine_schedule(args.epochs))
+    training.train(args, "cifar100", nn.CrossEntropyLoss(), cosine_schedule(args.epochs))
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

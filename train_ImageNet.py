@@ -1,4 +1,4 @@
-"""Train a final network on ImageNet from scratch (SPEC §8, §10).
+"""Train a final network on ImageNet from scratch.
 
     python train_ImageNet.py --auxiliary --arch Att_DARTS --data /path/to/imagenet
 
@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import StepLR
 
 import training
-import utils
+from errors import run_cli
 
 parser = argparse.ArgumentParser(description="Train a final Att-DARTS network on ImageNet from "
                                              "scratch; the run ends by testing trained.pt on val/.")
@@ -43,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

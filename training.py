@@ -1,5 +1,5 @@
-"""Training from scratch and testing of final networks (SPEC §8), shared by
-train_CIFAR10.py, train_CIFAR100.py, train_ImageNet.py and the test_*.py scripts.
+"""Training from scratch and testing of final networks, shared by train_CIFAR10.py,
+train_CIFAR100.py, train_ImageNet.py and the test_*.py scripts.
 
 A run lives in its own directory (``--exp_path/<script>-<timestamp>``):
 
@@ -18,21 +18,23 @@ deterministic: a test script on ``trained.pt`` reproduces the accuracy of the ru
 import argparse
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset
 
 import data
 import parallel
-import utils
-from genotypes import NAMED_GENOTYPES, Genotype
+from complexity import count_parameters
+from errors import UserError
+from experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunLog, atomic_save, checkpoint_file,
+                        evaluate, load_checkpoint, load_weights,
+                        progress, restore, resumed_schedule, run_directory, run_epoch,
+                        save_checkpoint, set_seed, weight_step)
+from genotypes import NAMED_GENOTYPES, Genotype, genotype_to_dict, resolve_genotype, save_genotype
 from model import NetworkCIFAR, NetworkImageNet
-from experiment import (CHECKPOINT, EpochMetrics, RunLog, checkpoint_file, new_run_directory,
-                        progress, restore_rng, to_device)
 from parallel import Runtime
 from precision import Precision, add_precision_flags, memory_format
 
@@ -43,9 +45,6 @@ CIFAR_DEFAULTS = dict(
 IMAGENET_DEFAULTS = dict(
     batchsz=128, lr=0.1, wd=3e-5, epochs=250, init_ch=48, layers=14, drop_path_prob=0.0, seed=0,
     workers=8, data_help="a folder with train/<class>/ and val/<class>/ images (ILSVRC2012)")
-# Flags that may differ when a run is resumed: where things are, not what is trained.
-RESUME_FREE_FLAGS = {"checkpoint_path", "data", "workers", "report_freq", "exp_path",
-                     "arch", "arch_path"}  # the genotype itself is compared
 
 
 # -- flags -----------------------------------------------------------------------
@@ -141,29 +140,6 @@ def build_network(args: argparse.Namespace, dataset: str, num_classes: int,
     return network(args.init_ch, num_classes, args.layers, args.auxiliary, genotype)
 
 
-def cosine_schedule(epochs: int) -> Callable[[torch.optim.Optimizer], LRScheduler]:
-    """CIFAR: the learning rate follows a cosine from its initial value to 0 over the epochs."""
-    return lambda optimizer: CosineAnnealingLR(optimizer, float(epochs), eta_min=0.0)
-
-
-# -- metrics and output ------------------------------------------------------------
-
-@dataclass
-class Accuracy:
-    """Top-k correct counts over a whole split."""
-    topk: Tuple[int, ...]
-    correct: List[int]
-    total: int
-
-    def percent(self, k: int = 1) -> float:
-        return 100.0 * self.correct[self.topk.index(k)] / self.total
-
-    def __str__(self) -> str:
-        return "; ".join(f"top-{k} acc {self.percent(k):.4f}% ({c}/{self.total}), "
-                         f"error {100.0 - self.percent(k):.4f}%"
-                         for k, c in zip(self.topk, self.correct))
-
-
 # -- the loop --------------------------------------------------------------------
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
@@ -176,177 +152,121 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
         loss = criterion(logits, targets)
         if logits_aux is not None:
             loss = loss + auxiliary_weight * criterion(logits_aux, targets)
-    optimizer.zero_grad(set_to_none=True)
-    precision.scaler.scale(loss).backward()
-    precision.scaler.unscale_(optimizer)  # clip the true gradients
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    precision.scaler.step(optimizer)
-    precision.scaler.update()
+    weight_step(loss, optimizer, model.parameters(), precision, grad_clip)
     return loss.detach(), logits.detach()
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
-                optimizer: torch.optim.Optimizer, precision: Precision, args: argparse.Namespace,
-                runtime: Runtime, log: RunLog) -> Tuple[float, float]:
-    """One pass over this process's shard; returns (mean loss, top-1 accuracy in %)
+                optimizer: torch.optim.Optimizer, precision: Precision, runtime: Runtime,
+                args: argparse.Namespace, log: RunLog) -> Tuple[float, Accuracy]:
+    """One pass over this process's shard; returns the mean loss and the accuracy
     over all processes."""
     model.train()
-    metrics = EpochMetrics(runtime.device)
-    bar = progress(loader, runtime, desc="train", leave=False)
-    for step, (images, targets) in enumerate(bar, 1):
-        images, targets = to_device(images, targets, runtime, args.channels_last)
-        loss, logits = train_step(model, images, targets, criterion, optimizer, precision,
-                                  args.auxiliary_weight, args.grad_clip)
-        metrics.update(loss, logits, targets)
-        if step % args.report_freq == 0:
-            bar.set_postfix_str(metrics.running())
-            log(f"train step {step:04d}/{len(loader)} {metrics.running()}")
-    return metrics.total(runtime.device)
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return train_step(model, images, targets, criterion, optimizer, precision,
+                          args.auxiliary_weight, args.grad_clip)
+
+    return run_epoch(loader, step, runtime, args.channels_last, "train",
+                     report_freq=args.report_freq, log=log)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, precision: Precision,
-             channels_last: bool, topk: Sequence[int] = (1,)) -> Accuracy:
-    """Top-k accuracy over the whole split (this process's share summed over processes).
-
-    Deterministic: the same weights, batch size and precision give the same counts."""
-    model.eval()
-    correct = torch.zeros(len(topk), dtype=torch.long, device=runtime.device)
-    seen = 0
-    for images, targets in progress(loader, runtime, desc="test", leave=False):
-        images, targets = to_device(images, targets, runtime, channels_last)
+def test_accuracy(model: nn.Module, loader: DataLoader, runtime: Runtime, precision: Precision,
+                  channels_last: bool, topk: Sequence[int] = (1,)) -> Accuracy:
+    """Top-k accuracy over the whole split (this process's share summed over processes)."""
+    def forward(images: torch.Tensor, targets: torch.Tensor) -> Tuple[None, torch.Tensor]:
         with precision.autocast():
             logits, _ = model(images)
-        correct += utils.topk_correct(logits, targets, topk)
-        seen += targets.size(0)
-    *counts, total = parallel.sum_over_processes(correct.tolist() + [seen], runtime.device)
-    return Accuracy(tuple(topk), [int(c) for c in counts], int(total))
+        return None, logits
 
-
-# -- checkpoints -------------------------------------------------------------------
-
-def load_resume_state(path: str, args: argparse.Namespace, genotype: Genotype) -> Dict[str, Any]:
-    """A resumable checkpoint, checked against this run's flags and architecture."""
-    state = utils.load_torch_file(path)
-    required = ("state_dict", "optimizer", "scheduler", "scaler", "epoch", "best_acc",
-                "last_test", "args", "genotype", "rng")
-    missing = [key for key in required if key not in state] if isinstance(state, Mapping) else ["state"]
-    if missing:
-        raise utils.UserError(f"{path} is not a resumable checkpoint (no {missing[0]!r}); pass the "
-                              f"{CHECKPOINT} of a run directory")
-    if state["genotype"] != utils.genotype_to_dict(genotype):
-        raise utils.UserError(f"{path} was trained with another architecture; resume with the run's "
-                              f"--arch/--arch_path")
-    for flag, value in state["args"].items():
-        if flag not in RESUME_FREE_FLAGS and getattr(args, flag, value) != value:
-            raise utils.UserError(f"{path} comes from a run with --{flag} {value}, not "
-                                  f"{getattr(args, flag)}; resume with the run's own flags")
-    return state
-
-
-def restore(state: Mapping[str, Any], path: str, model: nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: LRScheduler, precision: Precision) -> None:
-    utils.check_state_dict_fits(model, state["state_dict"], path)
-    model.load_state_dict(state["state_dict"])
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        precision.scaler.load_state_dict(state["scaler"])
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise utils.UserError(f"{path}: the optimizer state does not fit this run "
-                              f"({str(error).splitlines()[0][:160]})") from None
+    return evaluate(model, loader, forward, runtime, channels_last, "test", topk)[1]
 
 
 # -- whole runs --------------------------------------------------------------------
 
-def fit(args: argparse.Namespace, runtime: Runtime, model: nn.Module, genotype: Genotype,
+def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype: Genotype,
         train_set: Dataset, test_set: Dataset, criterion: nn.Module,
         make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler],
         topk: Sequence[int] = (1,)) -> Accuracy:
-    """Train the bare ``model`` for ``args.epochs`` (or the rest of them, with
+    """Train the bare ``network`` for ``args.epochs`` (or the rest of them, with
     ``--checkpoint_path``), testing after each epoch, with checkpoints and logs in the
     run directory; returns the final test accuracy."""
     if args.epochs < 1:
-        raise utils.UserError(f"--epochs must be at least 1, got {args.epochs}")
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     train_loader = data.make_loader(train_set, args.batchsz, runtime, shuffle=True,
                                     workers=args.workers, seed=args.seed,
                                     # a last batch of one image would break BAM's BatchNorm1d
                                     drop_last=True)
     if len(train_loader) == 0:
-        raise utils.UserError(f"the training split has {len(train_set)} images: fewer than one batch "
-                              f"of --batchsz {args.batchsz} per process")
+        raise UserError(f"the training split has {len(train_set)} images: fewer than one batch "
+                        f"of --batchsz {args.batchsz} per process")
     test_loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
     precision = precision_of(args, runtime)
-    model.to(runtime.device, memory_format=memory_format(args.channels_last))
-    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum,
+    network.to(runtime.device, memory_format=memory_format(args.channels_last))
+    optimizer = torch.optim.SGD(network.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.wd)
-    scheduler = make_scheduler(optimizer)
-    start_epoch, best_acc, last_test, rng_states = 0, -1.0, None, None
-    if args.checkpoint_path:
-        path = checkpoint_file(args.checkpoint_path)
-        state = load_resume_state(path, args, genotype)
-        restore(state, path, model, optimizer, scheduler, precision)
-        start_epoch, best_acc, rng_states = state["epoch"], state["best_acc"], state["rng"]
-        last_test = Accuracy(**state["last_test"])
-        run_dir = os.path.dirname(os.path.abspath(path))
-    else:
-        run_dir = new_run_directory(args.exp_path) if runtime.is_main else None
-    log = RunLog(run_dir if runtime.is_main else None)
-
-    net = parallel.wrap(model, runtime)
+    path = checkpoint_file(args.checkpoint_path) if args.checkpoint_path else None
+    state = None
+    if path:
+        state = load_checkpoint(path, args, "training", ("optimizer", "best_acc", "last_test"))
+        if state["genotype"] != genotype_to_dict(genotype):
+            raise UserError(f"{path} was trained with another architecture; resume with the "
+                            f"run's --arch/--arch_path")
+    run_dir = run_directory(path, args.exp_path, runtime)
+    log = RunLog(run_dir)
+    model = parallel.wrap(network, runtime)
     # DDP's forward synchronises; each process evaluates its share with the bare network.
-    eval_net = model if runtime.distributed else net
+    eval_model = network if runtime.distributed else model
 
-    if start_epoch:
+    start_epoch, best_acc, last_test = 0, -1.0, None
+    if state is not None:
+        restore(state, path, network, {"optimizer": optimizer}, precision, runtime, args.seed)
+        start_epoch, best_acc = state["epoch"], state["best_acc"]
+        last_test = Accuracy(**state["last_test"])
         log(f"resuming {run_dir} after epoch {start_epoch}/{args.epochs}")
     else:
         log(f"run directory {run_dir}")
         log(f"args {vars(args)}")
         log(f"genotype {genotype}")
-        log(f"param size {utils.count_parameters_in_MB(model):.6f} M (auxiliary head excluded)")
+        log(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded)")
         log(f"{len(train_set)} training and {len(test_set)} test images, "
             f"{data.num_classes_of(train_set)} classes; {runtime.world_size} process(es) on "
             f"{runtime.device}, {precision!r}")
         if runtime.is_main:
-            utils.save_genotype(genotype, os.path.join(run_dir, "genotype.json"))
-    if rng_states is not None:
-        restore_rng(rng_states, runtime, args.seed)
+            save_genotype(genotype, os.path.join(run_dir, GENOTYPE))
+    scheduler = resumed_schedule(make_scheduler, optimizer, start_epoch)
 
     epochs = progress(range(start_epoch, args.epochs), runtime, desc="epochs",
                       initial=start_epoch, total=args.epochs)
     for epoch in epochs:
         started = time.time()
         train_loader.sampler.set_epoch(epoch)
-        model.drop_path_prob = args.drop_path_prob * epoch / args.epochs
+        network.drop_path_prob = args.drop_path_prob * epoch / args.epochs
         lr = scheduler.get_last_lr()[0]
-        train_loss, train_acc = train_epoch(net, train_loader, criterion, optimizer, precision,
-                                            args, runtime, log)
+        train_loss, train_acc = train_epoch(model, train_loader, criterion, optimizer, precision,
+                                            runtime, args, log)
         scheduler.step()
         # Every process evaluates the weights rank 0 saves: its BN statistics too.
-        parallel.broadcast_(model.buffers())
-        last_test = evaluate(eval_net, test_loader, runtime, precision, args.channels_last, topk)
+        parallel.broadcast_(network.buffers())
+        last_test = test_accuracy(eval_model, test_loader, runtime, precision, args.channels_last,
+                                  topk)
         is_best = last_test.percent(topk[0]) > best_acc
         best_acc = max(best_acc, last_test.percent(topk[0]))
-        epochs.set_postfix_str(f"train {train_acc:.2f}% test {last_test.percent(topk[0]):.2f}%")
+        epochs.set_postfix_str(f"train {train_acc.percent():.2f}% "
+                               f"test {last_test.percent(topk[0]):.2f}%")
         # Logged before the checkpoint is saved: a run killed in between repeats a line
         # rather than losing one.
-        log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.6e} drop_path {model.drop_path_prob:.4f} "
-            f"train_loss {train_loss:.4f} train_acc {train_acc:.4f}% test {last_test} "
+        log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.6e} drop_path {network.drop_path_prob:.4f} "
+            f"train_loss {train_loss:.4f} train_acc {train_acc.percent():.4f}% test {last_test} "
             f"best {best_acc:.4f}% time {time.time() - started:.1f}s")
-        rng = parallel.gather_objects(utils.rng_state())
-        if runtime.is_main:
-            if is_best:
-                utils.atomic_save(model.state_dict(), os.path.join(run_dir, "best.pt"))
-            utils.atomic_save({
-                "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-                "epoch": epoch + 1, "best_acc": best_acc, "last_test": vars(last_test),
-                "args": vars(args), "genotype": utils.genotype_to_dict(genotype), "rng": rng,
-            }, os.path.join(run_dir, CHECKPOINT))
+        if runtime.is_main and is_best:
+            atomic_save(network.state_dict(), os.path.join(run_dir, "best.pt"))
+        save_checkpoint(run_dir, runtime, network, {"optimizer": optimizer}, scheduler, precision,
+                        epoch + 1, args, genotype, best_acc=best_acc, last_test=vars(last_test))
     epochs.close()
 
     if runtime.is_main:
-        utils.atomic_save(model.state_dict(), os.path.join(run_dir, "trained.pt"))
+        atomic_save(network.state_dict(), os.path.join(run_dir, "trained.pt"))
     log(f"final test {last_test}")
     return last_test
 
@@ -357,19 +277,19 @@ def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
     """A train script's whole run on ``dataset`` ('cifar10', 'cifar100' or 'imagenet')."""
     runtime = parallel.setup()
     try:
-        genotype = utils.resolve_genotype(args.arch, args.arch_path)
+        genotype = resolve_genotype(args.arch, args.arch_path)
         train_set = load_split(args, dataset, train=True)
         test_set = load_split(args, dataset, train=False)
         if train_set.classes != test_set.classes:
-            raise utils.UserError(f"the training and test splits under {args.data} have different "
-                                  f"classes: {train_set.classes} vs {test_set.classes}")
+            raise UserError(f"the training and test splits under {args.data} have different "
+                            f"classes: {train_set.classes} vs {test_set.classes}")
         if runtime.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         # The same weights on every process (DDP would broadcast rank 0's anyway),
         # different augmentation and drop-path draws.
-        utils.set_seed(args.seed + runtime.rank)
-        model = build_network(args, dataset, data.num_classes_of(train_set), genotype)
-        fit(args, runtime, model, genotype, train_set, test_set, criterion.to(runtime.device),
+        set_seed(args.seed + runtime.rank)
+        network = build_network(args, dataset, data.num_classes_of(train_set), genotype)
+        fit(args, runtime, network, genotype, train_set, test_set, criterion.to(runtime.device),
             make_scheduler, topk)
     finally:
         parallel.teardown()
@@ -379,19 +299,19 @@ def test(args: argparse.Namespace, dataset: str, topk: Sequence[int] = (1,)) -> 
     """A test script: the accuracy of ``args.model_path`` on the test/validation split."""
     runtime = parallel.setup()
     try:
-        utils.set_seed(args.seed)
-        genotype = utils.resolve_genotype(args.arch, args.arch_path)
+        set_seed(args.seed)
+        genotype = resolve_genotype(args.arch, args.arch_path)
         test_set = load_split(args, dataset, train=False)
-        model = build_network(args, dataset, data.num_classes_of(test_set), genotype)
-        utils.load_weights(model, args.model_path)
-        model.to(runtime.device, memory_format=memory_format(args.channels_last))
-        net = model if runtime.distributed else parallel.wrap(model, runtime)
+        network = build_network(args, dataset, data.num_classes_of(test_set), genotype)
+        load_weights(network, args.model_path)
+        network.to(runtime.device, memory_format=memory_format(args.channels_last))
+        model = network if runtime.distributed else parallel.wrap(network, runtime)
         loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
-        result = evaluate(net, loader, runtime, precision_of(args, runtime), args.channels_last, topk)
+        result = test_accuracy(model, loader, runtime, precision_of(args, runtime),
+                               args.channels_last, topk)
         if runtime.is_main:
-            print(f"param size {utils.count_parameters_in_MB(model):.6f} M (auxiliary head excluded)")
+            print(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded)")
             print(f"test {result}")
         return result
     finally:
         parallel.teardown()
-

@@ -1,4 +1,4 @@
-"""Draw the normal and the reduction cell of a genotype as PDF diagrams (SPEC §9).
+"""Draw the normal and the reduction cell of a genotype as PDF diagrams.
 
     python visualize.py Att_DARTS
     python visualize.py path/genotype.json --save_dir figures --without_view
@@ -10,8 +10,8 @@ from typing import List, Sequence, Tuple
 
 import graphviz
 
-import utils
-from genotypes import NAMED_GENOTYPES, Genotype
+from errors import UserError, run_cli
+from genotypes import NAMED_GENOTYPES, Genotype, load_genotype
 
 parser = argparse.ArgumentParser(
     description="Draw the normal and the reduction cell of a genotype, left to right, as "
@@ -138,9 +138,9 @@ def _resolve(argument: str) -> Tuple[Genotype, str]:
     # A name wins over a same-named extensionless file, so `visualize.py DARTS` stays stable.
     if argument.endswith(".json") or (argument not in NAMED_GENOTYPES and os.path.isfile(argument)):
         stem = os.path.splitext(os.path.basename(argument))[0]
-        return utils.load_genotype(argument), stem
+        return load_genotype(argument), stem
     if argument not in NAMED_GENOTYPES:
-        raise utils.UserError(f"unknown genotype {argument!r}; valid names: "
+        raise UserError(f"unknown genotype {argument!r}; valid names: "
                               f"{', '.join(NAMED_GENOTYPES)} (or give a genotype.json file)")
     return NAMED_GENOTYPES[argument], argument
 
@@ -157,4 +157,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

@@ -61,6 +61,7 @@ def run_one(config: dict) -> dict:
     from architect import Architect
     from model_search import Network
     from precision import Precision, memory_format
+    from searching import search_step
 
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -85,13 +86,7 @@ def run_one(config: dict) -> dict:
     rss_before = peak_rss_mb()
 
     def iteration() -> None:
-        architect.step(x, y, xv, yv, 0.025)
-        with network.frozen_architecture(), precision.autocast():
-            loss = network.logits_loss(network(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(network.weights(), 5.0)
-        optimizer.step()
+        search_step(network, architect, optimizer, precision, (x, y), (xv, yv), 0.025, 5.0)
         if cuda:
             torch.cuda.synchronize()
 

@@ -1,9 +1,8 @@
-"""The architecture step (SPEC §7, architect.py): the second-order hypergradient
+"""The architecture step (architect.py): the second-order hypergradient
 against double backward, the first-order gradient, what one search iteration may
 and may not change, DataParallel and mixed precision.
 
 Everything runs in-process on tiny supernets (C=4, 3 cells, 16x16 images)."""
-import argparse
 from typing import Dict, List
 
 import pytest
@@ -13,11 +12,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode, resolve_name
 
-import train_search
 from architect import Architect
 from model_search import Network
-from parallel import Runtime
 from precision import Precision
+from searching import search_step
 
 CPU = torch.device("cpu")
 SIZE = 16          # image side: the supernet builds its attentions for it
@@ -250,7 +248,7 @@ def test_search_iteration_moves_only_what_it_should(unrolled, recompute):
     assert _bitwise_equal(_snapshot(buffers), b0)
     assert all(p.grad is None for p in arch)
 
-    # A whole iteration of train_search.search_epoch, observed between its two steps.
+    # A whole search iteration, observed between its two steps.
     observed = {}
     real_step = architect.step
 
@@ -259,10 +257,9 @@ def test_search_iteration_moves_only_what_it_should(unrolled, recompute):
         observed.update(w=_snapshot(weights), a=_snapshot(arch), b=_snapshot(buffers))
 
     architect.step = spy
-    args = argparse.Namespace(channels_last=False, report_freq=1000, grad_clip=5.0)
-    train_search.search_epoch(network, network, architect, [train], iter([valid]), optimizer, 0.025,
-                              Precision(False, "bfloat16", CPU), args, Runtime(CPU), lambda _: None)
-    assert observed, "search_epoch did not take an architecture step"
+    search_step(network, architect, optimizer, Precision(False, "bfloat16", CPU), train, valid,
+                0.025, 5.0)
+    assert observed, "search_step did not take an architecture step"
     # The architecture step: A moves, w and the BN statistics do not.
     assert not any(torch.equal(x, y) for x, y in zip(observed["a"], a0))
     assert _bitwise_equal(observed["w"], w0)

@@ -1,12 +1,11 @@
-"""Genotypes (SPEC §4): the published cells and the JSON file form."""
+"""Genotypes: the published cells and the JSON file form."""
 import json
 
 import pytest
 
 import genotypes
-import utils
-from genotypes import Genotype, NAMED_GENOTYPES
-from utils import UserError, load_genotype, save_genotype
+from errors import UserError
+from genotypes import Genotype, NAMED_GENOTYPES, load_genotype, save_genotype
 
 
 def _pairs(text):
@@ -19,7 +18,7 @@ def _pairs(text):
     return edges
 
 
-# Transcribed from SPEC §4.
+# Transcribed from the cells published with DARTS (NASNet and AmoebaNet from their papers).
 SPEC_CELLS = {
     "DARTS_V1": (
         _pairs("sep_conv_3x3 1, sep_conv_3x3 0 | skip_connect 0, sep_conv_3x3 1 | "
@@ -259,7 +258,7 @@ def test_bad_concat(tmp_path, concat):
 
 
 def test_resolve_genotype():
-    assert utils.resolve_genotype("Att_DARTS", None) == genotypes.Att_DARTS
+    assert genotypes.resolve_genotype("Att_DARTS", None) == genotypes.Att_DARTS
     with pytest.raises(UserError) as info:
-        utils.resolve_genotype("ATT_DARTS", None)
+        genotypes.resolve_genotype("ATT_DARTS", None)
     assert "\n" not in str(info.value) and "Att_DARTS" in str(info.value)

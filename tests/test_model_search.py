@@ -1,4 +1,4 @@
-"""The search supernet (SPEC §3), and its recomputation of cells in backward."""
+"""The search supernet, and its recomputation of cells in backward."""
 import copy
 
 import pytest
@@ -16,7 +16,7 @@ LOCATIONS = ["after_every", "end", "after_every_and_end", "mixed_with_operation"
 NUM_EDGES = 14
 OPS_AND_ATTNS = PRIMITIVES + [a for a in ATTN_PRIMITIVES if a != "Identity"]
 
-# SPEC §3 table: (alphas columns, betas columns or None, has gammas)
+# Per --location: (alphas columns, betas columns or None, has gammas)
 ARCH_SHAPES = {
     "after_every": (8, 6, False),
     "end": (8, None, True),

@@ -1,16 +1,17 @@
-"""Final networks (SPEC §5) and checkpoint compatibility (SPEC §6)."""
+"""Final networks and checkpoint compatibility with the original release."""
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 
+import complexity
 import genotypes
 import model as model_module
-import utils
+import experiment
 from genotypes import Genotype
 from model import Cell, NetworkCIFAR, NetworkImageNet
-from utils import UserError
+from errors import UserError
 
 ATT_DARTS_CIFAR_PARAMS = 3_231_343
 
@@ -36,7 +37,7 @@ def _small(genotype=genotypes.Att_DARTS, auxiliary=True, C=8, layers=5, seed=0):
 
 def test_cifar_att_darts_parameter_count(cifar_att):
     assert _count_without_aux(cifar_att) == ATT_DARTS_CIFAR_PARAMS
-    assert round(utils.count_parameters_in_MB(cifar_att) * 1e6) == ATT_DARTS_CIFAR_PARAMS
+    assert complexity.count_parameters(cifar_att) == ATT_DARTS_CIFAR_PARAMS
     # the auxiliary head exists and is excluded
     assert sum(p.numel() for p in cifar_att.auxiliary_head.parameters()) > 0
 
@@ -54,14 +55,14 @@ def test_cifar_state_dict_matches_reference(cifar_att, reference_state_dict_json
 
 def test_cifar_darts_v2_is_3_3_million():
     net = NetworkCIFAR(36, 10, 20, True, genotypes.DARTS_V2)
-    assert round(utils.count_parameters_in_MB(net), 1) == 3.3
+    assert round(complexity.count_parameters(net) / 1e6, 1) == 3.3
     assert round(_count_without_aux(net) / 1e6, 1) == 3.3
 
 
 @pytest.mark.parametrize("name,millions", [("Att_DARTS", 4.6), ("DARTS", 4.7)])
 def test_imagenet_parameter_counts(name, millions):
     net = NetworkImageNet(48, 1000, 14, True, genotypes.NAMED_GENOTYPES[name])
-    assert round(utils.count_parameters_in_MB(net), 1) == millions
+    assert round(complexity.count_parameters(net) / 1e6, 1) == millions
     assert round(_count_without_aux(net) / 1e6, 1) == millions
 
 
@@ -278,7 +279,7 @@ def test_load_weights_layouts(cifar_att, tmp_path, layout):
     fresh = NetworkCIFAR(36, 10, 20, True, genotypes.Att_DARTS)
     loaded_before = fresh.state_dict()
     assert not torch.equal(loaded_before["classifier.weight"], state["classifier.weight"])
-    utils.load_weights(fresh, str(path))
+    experiment.load_weights(fresh, str(path))
     loaded = fresh.state_dict()
     assert loaded.keys() == state.keys()
     for key, value in state.items():
@@ -295,7 +296,7 @@ def _first_difference(model, state):
 
 def _load_error(net, path):
     with pytest.raises(UserError) as info:
-        utils.load_weights(net, str(path))
+        experiment.load_weights(net, str(path))
     message = str(info.value)
     assert message and "\n" not in message, f"not one line: {message!r}"
     assert str(path) in message

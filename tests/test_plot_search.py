@@ -145,23 +145,23 @@ def test_malformed_line(tmp_path):
 
 def test_empty_history(tmp_path):
     import plot_search
-    import utils
+    from errors import UserError
 
     path = tmp_path / "arch_history.jsonl"
     path.write_text("\n")
-    with pytest.raises(utils.UserError, match="arch_history.jsonl"):
+    with pytest.raises(UserError, match="arch_history.jsonl"):
         plot_search.read_history(str(path))
 
 
 def test_inconsistent_shapes_is_user_error(tmp_path):
     import plot_search
-    import utils
+    from errors import UserError
 
     records = _history(2, PRIMITIVES, ATTN_PRIMITIVES)
     records[1]["arch"]["alphas_normal"] = records[1]["arch"]["alphas_normal"][:5]
-    with pytest.raises(utils.UserError, match="alphas_normal"):
+    with pytest.raises(UserError, match="alphas_normal"):
         plot_search.plot_history(records, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # checked before anything is drawn
     run_dir = _write(tmp_path / "run", records)
-    with pytest.raises(utils.UserError, match=r"arch_history\.jsonl: epoch 2: arch\.alphas_normal"):
+    with pytest.raises(UserError, match=r"arch_history\.jsonl: epoch 2: arch\.alphas_normal"):
         plot_search.read_history(str(run_dir / "arch_history.jsonl"))

@@ -1,4 +1,4 @@
-"""train_search.py end to end on a tiny image folder (SPEC §7): what a search writes,
+"""train_search.py end to end on a tiny image folder: what a search writes,
 every --location, resume, one-line errors, torchrun, and plot_search.py on the result.
 
 Every search is a subprocess with one thread (C=4, 3 cells, batch 16, 4 images per
@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import utils
+from genotypes import genotype_from_dict, genotype_to_dict, load_genotype
 from model import NetworkCIFAR
-from training_helpers import (REPO, command, mini_cifar, one_line_error, only_run_dir,
+from training_helpers import (REPO, command, mini_cifar, one_line_error, only_run_dir, rng_entry,
                               run_parallel, run_script, script_env, torchrun_command)
 
 LOCATIONS = ["after_every", "end", "after_every_and_end", "mixed_with_operation",
@@ -93,7 +93,7 @@ def _run_of(searches: dict, name: str) -> Path:
 @pytest.mark.parametrize("name", ["first", "second"])
 def test_search_writes_genotype_log_history_and_checkpoint(searches, name):
     run = _run_of(searches, name)
-    genotype = utils.load_genotype(str(run / "genotype.json"))
+    genotype = load_genotype(str(run / "genotype.json"))
     network = NetworkCIFAR(8, 10, 5, False, genotype)
     network.eval()
     logits, _ = network(torch.randn(2, 3, 32, 32))
@@ -108,7 +108,7 @@ def test_search_writes_genotype_log_history_and_checkpoint(searches, name):
     record = json.loads(lines[0])
     assert HISTORY_KEYS <= set(record)
     assert record["epoch"] == 1
-    assert utils.genotype_from_dict(record["genotype"]) == genotype
+    assert genotype_from_dict(record["genotype"]) == genotype
     assert set(record["arch"]) == set(record["candidates"])
     assert {"alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"} <= set(record["arch"])
     for key, rows in record["arch"].items():
@@ -118,7 +118,7 @@ def test_search_writes_genotype_log_history_and_checkpoint(searches, name):
     checkpoint = _checkpoint(run)
     assert checkpoint["epoch"] == 1
     assert checkpoint["args"]["unrolled"] is (name == "second")
-    assert utils.genotype_from_dict(checkpoint["genotype"]) == genotype
+    assert genotype_from_dict(checkpoint["genotype"]) == genotype
 
 
 def test_search_moves_the_architecture(searches):
@@ -149,7 +149,7 @@ def test_recomputing_cells_does_not_change_the_search(searches):
 @pytest.mark.parametrize("location", LOCATIONS)
 def test_every_location_searches(searches, location):
     run = _run_of(searches, "first" if location == "after_every" else location)
-    genotype = utils.load_genotype(str(run / "genotype.json"))
+    genotype = load_genotype(str(run / "genotype.json"))
     record = json.loads((run / "arch_history.jsonl").read_text())
     prefixes = {key.split("_")[0] for key in record["arch"]}
     expected = {"alphas"}
@@ -203,6 +203,50 @@ def test_interrupted_search_resumes_where_it_stopped(searches, folder, tmp_path)
     assert [r["arch"] for r in history] == [r["arch"] for r in straight_history]
 
 
+
+def test_a_checkpoint_in_the_earlier_layout_resumes(folder, tmp_path):
+    """A checkpoint.pt as train_search.py wrote it before the search became a library
+    (built here key by key, after one epoch of a --location no_attention search)
+    resumes for a second epoch."""
+    import torch.nn as nn
+
+    import train_search
+    from model_search import Network
+
+    flags = search_flags(folder, tmp_path / "unused", 2, "--location", "no_attention")
+    args = train_search.parser.parse_args(flags)
+    args.channels_last = True  # the search stored --channels_last auto resolved (CPU: on)
+    torch.manual_seed(args.seed)
+    network = Network(4, 10, 3, nn.CrossEntropyLoss(), "no_attention")
+    weight_optimizer = torch.optim.SGD(network.weights(), args.lr, momentum=args.momentum,
+                                       weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_optimizer, 1.0, eta_min=args.lr_min)
+    arch_optimizer = torch.optim.Adam(network.arch_parameters(), lr=args.arch_lr,
+                                      betas=(0.5, 0.999), weight_decay=args.arch_wd)
+    network.loss(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])).backward()
+    weight_optimizer.step()
+    arch_optimizer.step()
+    scheduler.step()
+    run = tmp_path / "exp" / "earlier"
+    run.mkdir(parents=True)
+    arch = {k: v.detach().clone() for k, v in network.named_arch_parameters().items()}
+    torch.save({
+        "state_dict": network.state_dict(), "weight_optimizer": weight_optimizer.state_dict(),
+        "arch_optimizer": arch_optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "epoch": 1,
+        "arch_batches": {"cycle": 0, "position": 1}, "rng": [rng_entry()], "args": vars(args),
+        "genotype": genotype_to_dict(network.genotype()),
+    }, run / "checkpoint.pt")
+
+    _ok(run_script("train_search.py", *flags, "--checkpoint_path", str(run)))
+    checkpoint = _checkpoint(run)
+    assert checkpoint["epoch"] == 2
+    assert not (tmp_path / "unused").exists()
+    assert "resuming" in (run / "log.txt").read_text()
+    assert json.loads((run / "arch_history.jsonl").read_text())["epoch"] == 2
+    assert any(not torch.equal(checkpoint["state_dict"][k], v) for k, v in arch.items())
+    load_genotype(str(run / "genotype.json"))
+
 # -- 9. one-line errors -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -217,7 +261,7 @@ def errors(searches, folder, tmp_path_factory) -> dict:
     # The resumable checkpoint.pt of a train_CIFAR10.py run (training.py's keys).
     torch.save({"state_dict": network.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {},
                 "epoch": 1, "best_acc": 10.0, "last_test": 10.0, "args": {"init_ch": 4, "layers": 3},
-                "genotype": utils.genotype_to_dict(Att_DARTS), "rng": []},
+                "genotype": genotype_to_dict(Att_DARTS), "rng": []},
                base / "train_checkpoint.pt")
     ok_flags = search_flags(folder, base / "exp", 1)
     commands = {
@@ -331,6 +375,6 @@ def test_second_order_search_under_amp_and_channels_last(searches):
     result, exp = searches["amp"]
     _ok(result)
     run = only_run_dir(exp)
-    genotype = utils.load_genotype(str(run / "genotype.json"))
+    genotype = load_genotype(str(run / "genotype.json"))
     assert all(len(edge) == 3 and edge[2] for edge in genotype.normal)
     assert "autocast bfloat16" in (run / "log.txt").read_text()

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import genotypes
-import utils
 from data import ShardSampler
 from model import NetworkCIFAR
 from parallel import Runtime
 from training_helpers import (REPO, TINY, command, mini_cifar, one_line_error, only_run_dir,
-                              random_image_folder, reported_accuracy, run_ok, run_script,
-                              script_env, torchrun_command)
+                              random_image_folder, reported_accuracy, rng_entry, run_ok,
+                              run_script, script_env, torchrun_command)
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +106,12 @@ def test_cifar10_run_writes_its_files_and_the_test_script_reproduces_its_accurac
 
 def test_arch_path_genotype_json_wins_over_arch(cifar, tmp_path):
     genotype_file = tmp_path / "genotype.json"
-    utils.save_genotype(genotypes.DARTS_V2, str(genotype_file))
+    genotypes.save_genotype(genotypes.DARTS_V2, str(genotype_file))
     exp = tmp_path / "exp"
     trained = run_ok("train_CIFAR10.py", "--data", str(cifar), "--arch", "Att_DARTS",
                      "--arch_path", str(genotype_file), "--epochs", "1", "--exp_path", str(exp), *TINY)
     run = only_run_dir(exp)
-    assert utils.load_genotype(str(run / "genotype.json")) == utils.load_genotype(str(genotype_file))
+    assert genotypes.load_genotype(str(run / "genotype.json")) == genotypes.load_genotype(str(genotype_file))
     tested = run_ok("test_CIFAR10.py", "--data", str(cifar), "--arch_path", str(genotype_file),
                     "--model_path", str(run / "trained.pt"), *TINY)
     assert reported_accuracy(tested.stdout) == reported_accuracy(trained.stdout)
@@ -207,11 +206,48 @@ def test_resumed_run_equals_an_uninterrupted_one(cifar, tmp_path):
     assert log.count("epoch 1/2 lr") == log.count("epoch 2/2 lr") == 1
 
 
+
+def test_a_checkpoint_in_the_earlier_layout_resumes(cifar, tmp_path):
+    """A checkpoint.pt as the train scripts wrote it before training shared its loop with
+    the search (built here key by key, after the first of two epochs) resumes."""
+    import train_CIFAR10
+
+    flags = ["--data", str(cifar), "--auxiliary", "--epochs", "2", "--exp_path",
+             str(tmp_path / "unused"), *TINY]
+    args = train_CIFAR10.parser.parse_args(flags)
+    torch.manual_seed(args.seed)
+    network = NetworkCIFAR(4, 10, 3, True, genotypes.Att_DARTS)
+    optimizer = torch.optim.SGD(network.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 2.0, eta_min=0.0)
+    logits, logits_aux = network(torch.randn(4, 3, 32, 32))
+    (logits.sum() + logits_aux.sum()).backward()
+    optimizer.step()
+    scheduler.step()
+    run = tmp_path / "exp" / "earlier"
+    run.mkdir(parents=True)
+    torch.save({
+        "state_dict": network.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "epoch": 1,
+        "best_acc": 10.0, "last_test": {"topk": (1,), "correct": [10], "total": 100},
+        "args": vars(args), "genotype": genotypes.genotype_to_dict(genotypes.Att_DARTS),
+        "rng": [rng_entry()],
+    }, run / "checkpoint.pt")
+
+    resumed = run_ok("train_CIFAR10.py", *flags, "--checkpoint_path", str(run / "checkpoint.pt"))
+    assert not (tmp_path / "unused").exists()
+    assert reported_accuracy(resumed.stdout)[0][3] == 100
+    assert _state_dict(run / "checkpoint.pt")["epoch"] == 2
+    log = (run / "log.txt").read_text()
+    assert "resuming" in log and "epoch 2/2 lr 1.250000e-02" in log
+    assert (run / "trained.pt").exists()
+
 def test_resume_refuses_a_foreign_checkpoint_or_other_flags(cifar10_run):
     flags, _, run = cifar10_run
     error = one_line_error(run_script("train_CIFAR10.py", *flags,
                                       "--checkpoint_path", str(run / "trained.pt")))
-    assert "trained.pt is not a resumable checkpoint" in error
+    assert "trained.pt is not a resumable training checkpoint" in error
     error = one_line_error(run_script("train_CIFAR10.py", *flags, "--lr", "0.1",
                                       "--checkpoint_path", str(run)))
     assert "--lr 0.025, not 0.1" in error

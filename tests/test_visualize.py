@@ -12,9 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # tests/conftest.py may not exist yet
     sys.path.insert(0, str(REPO))
 
-import utils  # noqa: E402
 import visualize  # noqa: E402
-from genotypes import Att_DARTS, NAMED_GENOTYPES  # noqa: E402
+from genotypes import Att_DARTS, NAMED_GENOTYPES, save_genotype  # noqa: E402
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
                                reason="Graphviz's 'dot' program is not installed "
@@ -83,7 +82,7 @@ def test_every_named_genotype_draws_both_cells(named_runs, name):
 def test_json_genotype_draws_headless_without_trying_a_viewer(tmp_path, bottleneck_genotype):
     # No --without_view: with no display the script must still just write the files.
     path = tmp_path / "genotype.json"
-    utils.save_genotype(bottleneck_genotype, str(path))
+    save_genotype(bottleneck_genotype, str(path))
     result = _run(str(path), "--save_dir", str(tmp_path / "out"), env=_headless_env())
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -138,7 +137,7 @@ def test_dot_source_fallback_without_dot(tmp_path, bottleneck_genotype):
     (bin_dir / "python").symlink_to(sys.executable)
     env = {**_headless_env(), "PATH": str(bin_dir)}
     path = tmp_path / "arch.json"
-    utils.save_genotype(bottleneck_genotype, str(path))
+    save_genotype(bottleneck_genotype, str(path))
     result = _run(str(path), "--save_dir", str(tmp_path / "out"), "--file_name", "cells",
                   "--without_view", env=env)
     assert result.returncode == 0, result.stderr

@@ -1,6 +1,7 @@
 """Helpers for the tests of the train_*.py / test_*.py scripts: running them, reading
 their reports, and building small image folders."""
 import os
+import random
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +60,15 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     return lines[0]
+
+
+def rng_entry() -> dict:
+    """One process's random state as every checkpoint.pt has held it (its "rng" list
+    has one such entry per process)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)],
+            "torch": torch.get_rng_state()}
 
 
 def only_run_dir(exp: Path) -> Path:
