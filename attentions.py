@@ -161,7 +161,9 @@ class CBAMSpatialAttention(nn.Module):
         self.spatial = CBAMSpatialConv()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        # max (not amax): its backward scatters into the arg-max instead of comparing
+        # every channel with the maximum, and it matches the original's torch.max.
+        pooled = torch.cat([x.max(dim=1, keepdim=True).values, x.mean(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.spatial(pooled))
 
 
@@ -206,9 +208,13 @@ class GEThetaPlusMask(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The gather is a depthwise convolution whose kernel covers the whole map: a
+        # weighted sum over positions, computed as such (its backward through
+        # PyTorch's convolution kernels costs 10-20x its forward on CPUs).
+        gathered = torch.einsum("bchw,chw->bc", x, self.downop.dwconv.weight[:, 0])
         # The gathered map is 1x1 (global extent); resizing it back to HxW is a
         # broadcast, so the (B, C, 1, 1) mask is returned as is.
-        return torch.sigmoid(self.mlp(self.downop(x)))
+        return torch.sigmoid(self.mlp(self.downop.bn(gathered[:, :, None, None])))
 
 
 class GEThetaPlus(Attention):
@@ -231,9 +237,14 @@ class DoubleAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
-        features = self.convA(x).flatten(2)                                # (B, m, HW)
-        attention_maps = F.softmax(self.convB(x).flatten(2), dim=-1)       # over positions
-        attention_vectors = F.softmax(self.convV(x).flatten(2), dim=1)     # over channels
+        # The three 1x1 convolutions of x as one (a single pass over x).
+        convs = (self.convA, self.convB, self.convV)
+        projected = F.conv2d(x, torch.cat([conv.weight for conv in convs]),
+                             torch.cat([conv.bias for conv in convs]))
+        features, maps, vectors = projected.flatten(2).split(
+            [conv.out_channels for conv in convs], dim=1)                  # (B, m|n|n, HW)
+        attention_maps = F.softmax(maps, dim=-1)                            # over positions
+        attention_vectors = F.softmax(vectors, dim=1)                       # over channels
         global_descriptors = torch.bmm(features, attention_maps.transpose(1, 2))  # (B, m, n)
         distributed = torch.bmm(global_descriptors, attention_vectors)    # (B, m, HW)
         return self.convZ(distributed.view(batch, -1, height, width))

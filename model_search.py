@@ -21,6 +21,7 @@ from torch.func import functional_call
 from attentions import ATTENTIONS, build_attention
 from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
 from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, halve
+from recompute import RecomputedPart, batch_norms
 
 
 class AttLocation(enum.Enum):
@@ -98,18 +99,60 @@ class MixedOp(nn.Module):
         self._weight_index = [k for k, name in enumerate(candidates) if name != "none"]
         self._ops = nn.ModuleList(
             build_candidate(candidates[k], C, stride, height, width) for k in self._weight_index)
-        # The conv candidates all begin with ReLU(x): rectify once per edge, which
-        # saves their copies of it (time, and memory kept for backward).
+        # The conv candidates all begin with ReLU(x): rectify once, which saves their
+        # copies of it (time, and memory kept for backward).
         self._starts_with_relu = [isinstance(op, ReLUFirst) for op in self._ops]
-        self._share_relu = sum(self._starts_with_relu) > 1
+        self.shares_relu = sum(self._starts_with_relu) > 1
+        # Candidates whose output depends on x alone: the poolings (their BN has no
+        # parameters and normalises with batch statistics) and the identity skip.
+        # Edges leaving the same state compute them once (``input_only_outputs``).
+        self._input_only = [candidates[k] in ("max_pool_3x3", "avg_pool_3x3")
+                            or (candidates[k] == "skip_connect" and stride == 1)
+                            for k in self._weight_index]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        rectified = F.relu(x) if self._share_relu else None
+    def input_only_outputs(self, x: torch.Tensor
+                           ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+        """The outputs of the candidates that depend on ``x`` alone, by position, and
+        each pooling's output before its BN (for ``track_statistics``)."""
+        outputs, pooled = {}, {}
+        for i, (op, only_x) in enumerate(zip(self._ops, self._input_only)):
+            if not only_x:
+                continue
+            if isinstance(op, nn.Sequential):  # pooling, then its BN
+                pooled[i] = op[0](x)
+                outputs[i] = op[1](pooled[i])
+            else:
+                outputs[i] = op(x)
+        return outputs, pooled
+
+    @torch.no_grad()
+    def track_statistics(self, pooled: Dict[int, torch.Tensor]) -> None:
+        """Update the poolings' BN running statistics with the batch another edge
+        normalised (in training mode their outputs would be that edge's)."""
+        for i, tensor in pooled.items():
+            if self._ops[i][1].track_running_stats:
+                self._ops[i][1](tensor)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor,
+                rectified: Optional[torch.Tensor] = None,
+                shared: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
+        """``rectified`` (relu(x)) and ``shared`` (``input_only_outputs(x)``) may come
+        from another edge leaving the same state."""
+        if rectified is None and self.shares_relu:
+            rectified = F.relu(x)
+        if shared is None:
+            shared, _ = self.input_only_outputs(x)
+        weights = weights.unbind()
         out = None
-        for k, op, starts_with_relu in zip(self._weight_index, self._ops, self._starts_with_relu):
-            y = op.forward_from_relu(rectified) if self._share_relu and starts_with_relu else op(x)
-            term = weights[k] * y
-            out = term if out is None else out + term
+        for i, (k, op) in enumerate(zip(self._weight_index, self._ops)):
+            if i in shared:
+                y = shared[i]
+            elif self.shares_relu and self._starts_with_relu[i]:
+                y = op.forward_from_relu(rectified)
+            else:
+                y = op(x)
+            # out + w * y in one pass over memory
+            out = weights[k] * y if out is None else torch.addcmul(out, weights[k], y)
         return out
 
 
@@ -117,9 +160,12 @@ class SearchCell(nn.Module):
     """A cell whose edges are MixedOps; its output concatenates the last
     ``multiplier`` intermediate nodes.
 
-    The forward runs in parts (the two preprocessings, each node, the cell-end
-    attention) so that with ``recompute=True`` each part can be recomputed in
-    backward on its own (``RecomputedPart``)."""
+    The forward runs state by state: each part takes one state (a cell input, which
+    it preprocesses, or a finished node) and computes every edge leaving it, so what
+    depends on the state alone (its ReLU, its poolings) is computed once for all of
+    them.  Node i sums the edges from states 0..i+1 in that order, and is finished once
+    state i+1 has run.  With ``recompute=True`` each part is recomputed in backward on
+    its own (``RecomputedPart``), and a training forward keeps only the states."""
 
     def __init__(self, space: SearchSpace, steps: int, multiplier: int, C_prev_prev: int,
                  C_prev: int, C: int, reduction: bool, reduction_prev: bool,
@@ -145,40 +191,62 @@ class SearchCell(nn.Module):
         self._bottleneck = (MixedOp(space.cell_end, multiplier * C, 1, height, width)
                             if space.cell_end is not None else None)
 
+        # Edges are numbered node by node; node i's edge from state j is offset(i) + j.
+        offsets = [sum(2 + k for k in range(i)) for i in range(steps)]
+        self._targets = [list(range(max(0, j - 1), steps)) for j in range(steps + 1)]
+        self._edges_leaving = [[offsets[i] + j for i in targets]
+                               for j, targets in enumerate(self._targets)]
+        self._part_modules = [
+            ([f"preprocess{j}"] if j < 2 else []) + [f"_ops.{e}" for e in edges]
+            + ([f"_attns.{e}" for e in edges] if space.second_stage is not None else [])
+            for j, edges in enumerate(self._edges_leaving)]
+        if self._bottleneck is not None:
+            self._part_modules.append(["_bottleneck"])
+        self._part_norms = {tuple(modules): [norm for name in modules
+                                             for norm in batch_norms(self.get_submodule(name))]
+                            for modules in self._part_modules}
+
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, first: torch.Tensor,
                 second: Optional[torch.Tensor], cell_end: Optional[torch.Tensor],
                 recompute: bool = False) -> torch.Tensor:
         run = self._run_recomputed if recompute else self._run
-        states = list(run(SearchCell._preprocess, ["preprocess0", "preprocess1"], s0, s1))
-        offset = 0
-        for _ in range(self._steps):
-            edges = range(offset, offset + len(states))
-            modules = [f"_ops.{e}" for e in edges]
-            if second is not None:
-                modules += [f"_attns.{e}" for e in edges]
-            states.append(run(functools.partial(SearchCell._node, offset=offset), modules,
-                              first, second, *states))
-            offset += len(states) - 1
+        states = [s0, s1]
+        nodes: List[Optional[torch.Tensor]] = [None] * self._steps
+        for j in range(self._steps + 1):  # the last node leads nowhere
+            part = functools.partial(SearchCell._edges_from, index=j)
+            contributions = run(part, self._part_modules[j], states[j], first, second)
+            for i, out in zip(self._targets[j], contributions):
+                nodes[i] = out if nodes[i] is None else nodes[i] + out
+            if j >= 1:
+                states.append(nodes[j - 1])  # its last edge comes from state j
         out = torch.cat(states[-self._multiplier:], dim=1)
         if self._bottleneck is not None:
-            out = run(SearchCell._cell_end, ["_bottleneck"], out, cell_end)
+            out = run(SearchCell._cell_end, self._part_modules[-1], out, cell_end)
         return out
 
     # -- the parts --------------------------------------------------------------------
-    def _preprocess(self, s0: torch.Tensor, s1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.preprocess0(s0), self.preprocess1(s1)
-
-    def _node(self, first: torch.Tensor, second: Optional[torch.Tensor], *states: torch.Tensor,
-              offset: int) -> torch.Tensor:
-        """One intermediate node: the sum of its edges from all previous states."""
-        node = None
-        for j, h in enumerate(states):
-            edge = offset + j
-            out = self._ops[edge](h, first[edge])
+    def _edges_from(self, h: torch.Tensor, first: torch.Tensor, second: Optional[torch.Tensor],
+                    index: int) -> Tuple[torch.Tensor, ...]:
+        """Every edge leaving state ``index`` (preprocessed here for a cell input), in
+        the order of the nodes they lead to."""
+        if index < 2:
+            h = (self.preprocess0 if index == 0 else self.preprocess1)(h)
+        edges = self._edges_leaving[index]
+        lead = self._ops[edges[0]]
+        rectified = F.relu(h) if lead.shares_relu else None
+        # In training mode a pooling's BN output is the same on every edge (batch
+        # statistics): the first edge computes it, the others only update their running
+        # statistics.  In eval mode each edge normalises with its own statistics.
+        shared, pooled = lead.input_only_outputs(h) if self.training else (None, {})
+        outputs = []
+        for e in edges:
+            if e != edges[0]:
+                self._ops[e].track_statistics(pooled)
+            out = self._ops[e](h, first[e], rectified, shared)
             if second is not None:
-                out = self._attns[edge](out, second[edge])
-            node = out if node is None else node + out
-        return node
+                out = self._attns[e](out, second[e])
+            outputs.append(out)
+        return tuple(outputs)
 
     def _cell_end(self, out: torch.Tensor, cell_end: torch.Tensor) -> torch.Tensor:
         return self._bottleneck(out, cell_end)
@@ -191,77 +259,8 @@ class SearchCell(nn.Module):
         # virtual or perturbed weights, not the module's own parameters.
         params = {name: p for module in modules
                   for name, p in self.get_submodule(module).named_parameters(prefix=module)}
-        return RecomputedPart.apply(part, self, modules, list(params), len(inputs), *inputs,
-                                    *params.values())
-
-
-class _Part(nn.Module):
-    """``part(cell, *inputs)`` as a module, for ``functional_call``."""
-
-    def __init__(self, cell: SearchCell, part: Callable):
-        super().__init__()
-        self.cell, self.part = cell, part
-
-    def forward(self, *inputs):
-        return self.part(self.cell, *inputs)
-
-
-class RecomputedPart(torch.autograd.Function):
-    """Run ``part(cell, *inputs)`` without keeping its activations; rebuild them in backward.
-
-    Every edge of the supernet evaluates all candidates, so the activations kept for
-    backward dominate a search's memory (1.6-2.0 GB per pass at batch 16, up to
-    0.42 GB in one cell).  Forward runs without a graph and keeps only the part's
-    inputs; backward runs the part again and differentiates that, so at most one
-    node's activations (the largest has 5 of a cell's 14 edges) exist at a time.
-    The parameters of the part are explicit inputs: the recomputation uses the
-    tensors of the forward even when that forward ran inside the architect's
-    ``functional_call``, and gradients reach them through ``autograd.grad`` too.
-
-    Why not ``torch.utils.checkpoint``: its reentrant form refuses ``autograd.grad``
-    (which the architect uses), and its non-reentrant form runs a Python hook for
-    each of the ~2700 tensors a cell saves, which cost twice the recomputation
-    itself here (measured: +1.2 s against +0.6 s per pass).  Search cells draw no
-    random numbers, so no RNG state needs replaying.
-    """
-
-    @staticmethod
-    def forward(ctx, part: Callable, cell: SearchCell, modules: List[str], names: List[str],
-                num_inputs: int, *inputs_and_params: Optional[torch.Tensor]):
-        ctx.part, ctx.cell, ctx.modules, ctx.names, ctx.num_inputs = part, cell, modules, names, num_inputs
-        device = next(t for t in inputs_and_params if t is not None).device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.save_for_backward(*inputs_and_params)
-        return part(cell, *inputs_and_params[:num_inputs])
-
-    @staticmethod
-    def backward(ctx, *grad_outputs: torch.Tensor):
-        if torch.is_grad_enabled():
-            # Refused rather than silently wrong: a gradient graph built here would
-            # miss the second derivatives of this part.
-            raise RuntimeError("double backward (create_graph=True) through recomputed cells is "
-                               "not supported: build the supernet with recompute=False")
-        needs_grad = ctx.needs_input_grad[5:]
-        saved = [t if t is None else t.detach().requires_grad_(needed)
-                 for t, needed in zip(ctx.saved_tensors, needs_grad)]
-        inputs, params = saved[:ctx.num_inputs], saved[ctx.num_inputs:]
-        tensors = {"cell." + name: p for name, p in zip(ctx.names, params)}
-        # Training-mode BatchNorm normalises with batch statistics; the running
-        # statistics were updated by the forward and must not be updated twice.
-        tensors.update(("cell." + name, b.clone()) for module in ctx.modules
-                       for name, b in ctx.cell.get_submodule(module).named_buffers(prefix=module))
-        device, autocast, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
-            outputs = functional_call(_Part(ctx.cell, ctx.part), tensors, tuple(inputs))
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        # (An output may not depend on anything that needs a gradient, e.g. the
-        # preprocessing of a cell input computed from detached weights.)
-        differentiable = [(out, grad) for out, grad in zip(outputs, grad_outputs) if out.requires_grad]
-        wanted = [t for t, needed in zip(saved, needs_grad) if needed]
-        grads = iter(torch.autograd.grad([out for out, _ in differentiable],
-                                         wanted, [grad for _, grad in differentiable],
-                                         allow_unused=True))
-        return (None,) * 5 + tuple(next(grads) if needed else None for needed in needs_grad)
+        return RecomputedPart.apply(part, self, self._part_norms[tuple(modules)], list(params),
+                                    len(inputs), *inputs, *params.values())
 
 
 class Network(nn.Module):
@@ -371,7 +370,7 @@ class Network(nn.Module):
         """The criterion on the logits of ``x``; ``tensors`` (name -> tensor) stand in
         for parameters and buffers (``torch.func.functional_call``), as the
         architect's virtual and perturbed weights do."""
-        logits = self(x) if tensors is None else functional_call(self, tensors, (x,))
+        logits = self(x) if tensors is None else functional_call(self, tensors, (x,), tie_weights=False)
         return self.logits_loss(logits, target)
 
     def logits_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

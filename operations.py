@@ -6,10 +6,98 @@ decide the op's strength), True in final networks.  The ``op``/``conv_1``/... na
 and Sequential indices fix the checkpoint layout of the published models.
 """
 import itertools
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DepthwiseConvolution(torch.autograd.Function):
+    """A depthwise convolution whose input gradient is a forward convolution.
+
+    oneDNN's backward of depthwise convolutions other than 3x3 (5x5, dilated) is
+    5-50x slower than its forward on CPUs (measured at the supernet's sizes), and
+    those are most of a search's convolutions.  For a 'same'-padded convolution the
+    input gradient is the forward convolution of the output gradient with the
+    flipped kernel (after inserting zeros between its pixels for stride 2), which
+    runs at forward speed.  The weight gradient stays PyTorch's own.  Under autocast
+    it runs in the autocast dtype, as ``F.conv2d`` would, and backward in that dtype
+    whatever the caller's autocast state.  Every op in ``backward`` is
+    differentiable, so double backward works as for ``F.conv2d``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                dilation: int) -> torch.Tensor:
+        device = x.device.type
+        ctx.dtypes = (x.dtype, weight.dtype)
+        if torch.is_autocast_enabled(device):
+            # What autocast does to conv2d, done here so that backward sees the same
+            # operands: both in the autocast dtype (bfloat16 under --amp).
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding, dilation)
+        with torch.autocast(device, enabled=False):
+            return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        # In the forward's dtype whatever the caller's autocast state (the architect
+        # differentiates float32 passes inside an --amp region).
+        with torch.autocast(x.device.type, enabled=False):
+            grad_x, grad_weight = DepthwiseConvolution.gradients(ctx, grad.to(x.dtype))
+        x_dtype, weight_dtype = ctx.dtypes
+        return (None if grad_x is None else grad_x.to(x_dtype),
+                None if grad_weight is None else grad_weight.to(weight_dtype), None, None, None)
+
+    @staticmethod
+    def gradients(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        channels = x.shape[1]
+        geometry = ([stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], channels)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            if stride == 1 or dilation > 1:
+                spread = grad
+                if stride == 2:
+                    # The stride-1 convolution's output gradient: zero off the stride-2 grid.
+                    spread = torch.zeros_like(x, dtype=grad.dtype)
+                    spread[:, :, ::2, ::2] = grad
+                grad_x = F.conv2d(spread, weight.flip(2, 3), None, 1, padding, dilation, channels)
+            else:  # stride 2 without dilation: PyTorch's own kernel is as fast
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, x, weight, None, *geometry, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            if dilation > 1 and x.dtype in (torch.bfloat16, torch.float16):
+                # oneDNN's (torch 2.14.1, AVX-512) bfloat16 weight gradient of a dilated
+                # depthwise convolution is wrong (130% off, or inf) when any operand is
+                # channels-last, the weight included (a (C, 1, k, k) weight of a model
+                # moved to channels-last passes is_contiguous(), so clone it): --amp
+                # searches went NaN.  Its kernel for contiguous operands is right.
+                grad, x, weight = (t.clone(memory_format=torch.contiguous_format)
+                                   for t in (grad, x, weight))
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, *geometry, [False, True, False])[1]
+        return grad_x, grad_weight
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(C, C, k, groups=C, bias=False)`` with 'same' padding, differentiated
+    by ``DepthwiseConvolution`` (same parameters, same results, faster backward)."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int, padding: int,
+                 dilation: int = 1):
+        assert padding == dilation * (kernel_size - 1) // 2, "'same' padding only"
+        super().__init__(channels, channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return DepthwiseConvolution.apply(x, self.weight, self.stride[0], self.padding[0],
+                                          self.dilation[0])
 
 
 class ReLUFirst(nn.Module):
@@ -47,8 +135,7 @@ class DilConv(ReLUFirst):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size, stride=stride, padding=padding,
-                      dilation=dilation, groups=C_in, bias=False),
+            DepthwiseConv2d(C_in, kernel_size, stride, padding, dilation),
             nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
@@ -62,11 +149,11 @@ class SepConv(ReLUFirst):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size, stride=stride, padding=padding, groups=C_in, bias=False),
+            DepthwiseConv2d(C_in, kernel_size, stride, padding),
             nn.Conv2d(C_in, C_in, kernel_size=1, padding=0, bias=False),
             nn.BatchNorm2d(C_in, affine=affine),
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size, stride=1, padding=padding, groups=C_in, bias=False),
+            DepthwiseConv2d(C_in, kernel_size, 1, padding),
             nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )

@@ -1,53 +1,52 @@
-"""Seconds per search iteration and peak memory of the supernet on this machine's CPU.
+"""A search iteration of the project beside the original release's, on this machine.
 
-    python bench/search_step.py                    # paper supernet, batch 16 and 32 (~10 min)
+    python bench/search_step.py                  # paper supernet: 2 locations x batch 16, 32 x 1st/2nd order
     python bench/search_step.py --batch 16 --locations after_every
-    python bench/search_step.py --profile          # top ops of one second-order iteration
+    python bench/search_step.py --profile        # top ops of one second-order iteration
 
-One iteration is what train_search.py does per batch: the architecture step
-(first order: grad_A L_val; second order: virtual step + finite difference) and
-the weight step.  Every configuration runs in its own process so its peak memory
-(peak resident set size, and its growth over the process after building the
-network) is its own.  Times are medians of ``--steps`` iterations after
-``--warmup`` untimed ones.  The second/first-order ratio is computed from figures
-measured in this same run.
+One iteration is what train_search.py does per batch (``searching.search_step``):
+the architecture step (first order: grad_A L_val; second order: virtual step and
+finite difference) and the weight step, at the supernet of the paper (C=16, 8
+cells, random 32x32 images), with train_search.py's default flags unless told
+otherwise.  For every configuration the original's iteration
+(``../shared/baseline/original_step.py search``) runs in its own process right
+after the project's, with the same warm-up and number of timed iterations: the
+table gives both, the speed-up and the memory ratio (original / project, peak
+resident set size of the process), and the project's second/first-order ratio.
+A full run takes about half an hour on two cores (the original's second order at
+batch 32 alone takes minutes).
 """
 import argparse
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.side_by_side import add_side_by_side_flags, find_baseline, original, project, ratio  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--batch", type=int, nargs="+", default=[16, 32], help="batch sizes")
 parser.add_argument("--locations", nargs="+", default=["after_every", "no_attention"],
                     help="attention locations")
+parser.add_argument("--orders", type=int, nargs="+", default=[1, 2], choices=[1, 2],
+                    help="first and/or second order")
 parser.add_argument("--init_ch", type=int, default=16, help="supernet width C")
 parser.add_argument("--layers", type=int, default=8, help="supernet cells")
-parser.add_argument("--steps", type=int, default=3, help="timed iterations")
+parser.add_argument("--steps", type=int, default=2, help="timed iterations (median)")
 parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default="auto",
                     help="channels-last layout (as train_search.py, 'auto': on for the CPU only)")
 parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                     help="recompute cells in backward (as train_search.py, on by default)")
-parser.add_argument("--amp", action="store_true", help="bfloat16 autocast of the weight step (as train_search.py --amp)")
-parser.add_argument("--device", default="cpu", help="cpu or cuda")
+parser.add_argument("--amp", action="store_true", help="bfloat16 autocast of the weight step (as --amp)")
+add_side_by_side_flags(parser)
 parser.add_argument("--profile", action="store_true",
                     help="profile one second-order iteration at the first location/batch instead")
 parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one config as JSON
-
-
-# The original release on a 2-core CPU machine like CI's (second order, after_every,
-# C=16, 8 cells): seconds per iteration and peak memory (MB) by batch size.
-ORIGINAL_SECOND_ORDER = {16: (48.7, 6200), 32: (75.0, None)}
 
 
 def peak_rss_mb() -> float:
@@ -55,7 +54,7 @@ def peak_rss_mb() -> float:
 
 
 def run_one(config: dict) -> dict:
-    """Time one configuration in this process."""
+    """Time one project configuration in this process."""
     import torch
     import torch.nn as nn
     from architect import Architect
@@ -83,7 +82,6 @@ def run_one(config: dict) -> dict:
                 torch.randint(0, 10, (batch,), device=device))
 
     (x, y), (xv, yv) = images(), images()
-    rss_before = peak_rss_mb()
 
     def iteration() -> None:
         search_step(network, architect, optimizer, precision, (x, y), (xv, yv), 0.025, 5.0)
@@ -104,8 +102,7 @@ def run_one(config: dict) -> dict:
         started = time.perf_counter()
         iteration()
         times.append(time.perf_counter() - started)
-    peak = peak_rss_mb()
-    result = {"seconds": statistics.median(times), "peak_rss_mb": peak, "growth_mb": peak - rss_before}
+    result = {"seconds": statistics.median(times), "peak_rss_mb": peak_rss_mb()}
     if cuda:
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
@@ -126,39 +123,44 @@ def main() -> None:
         run_one({**base, "location": args.locations[0], "batch": args.batch[0], "order": 2,
                  "profile": True})
         return
-    device = torch.cuda.get_device_name() if args.device == "cuda" else (
-        f"cpu, {args.threads or torch.get_num_threads()} threads")
-    print(f"torch {torch.__version__}, {device}, C={args.init_ch}, {args.layers} cells, "
+    baseline = None
+    if args.with_original and args.device == "cpu":
+        if (args.init_ch, args.layers) == (16, 8):
+            baseline = find_baseline(args.baseline)
+        else:
+            print("(the original is timed at C=16, 8 cells only: project figures only, no ratios)")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else (
+        f"cpu ({torch.backends.cpu.get_cpu_capability()}), {args.threads or torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}, C={args.init_ch}, {args.layers} cells, "
           f"{'channels_last' if channels_last else 'contiguous'}, "
-          f"{'cells recomputed in backward' if args.recompute else 'no recomputation'}, "
+          f"{'recomputation' if args.recompute else 'no recomputation'}, "
           f"{'bf16 autocast' if args.amp else 'fp32'}; median of {args.steps} after {args.warmup} warm-up")
-    header = (f"{'location':<14} {'batch':>5} {'order':>6} {'s/iter':>8} {'peak RSS MB':>12} "
-              f"{'growth MB':>10} {'peak GPU MB':>12}")
+    header = (f"{'location':<13} {'batch':>5} {'order':>5} | {'project s':>9} {'peak MB':>8} | "
+              f"{'original s':>10} {'peak MB':>8} | {'speed-up':>8} {'memory':>7}")
     print(header)
     print("-" * len(header))
     for location in args.locations:
         for batch in args.batch:
             seconds = {}
-            for order in (1, 2):
+            for order in args.orders:
                 config = {**base, "location": location, "batch": batch, "order": order}
-                out = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)],
-                                     capture_output=True, text=True, check=True, cwd=REPO)
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                seconds[order] = result["seconds"]
-                print(f"{location:<14} {batch:>5} {'2nd' if order == 2 else '1st':>6} "
-                      f"{result['seconds']:>8.2f} {result['peak_rss_mb']:>12.0f} "
-                      f"{result['growth_mb']:>10.0f} {result.get('peak_gpu_mb', float('nan')):>12.0f}",
-                      flush=True)
-            print(f"{location:<14} {batch:>5} {'ratio':>6} {seconds[2] / seconds[1]:>8.2f}  "
-                  f"(second / first order)", flush=True)
-            original = ORIGINAL_SECOND_ORDER.get(batch)
-            if (original and location == "after_every" and args.device == "cpu"
-                    and (args.init_ch, args.layers) == (16, 8)):
-                memory = (f", {original[1] / result['peak_rss_mb']:.2f}x less peak memory than its "
-                          f"{original[1] / 1000:.1f} GB" if original[1] else "")
-                print(f"{'':<14} {batch:>5} {'orig.':>6} {original[0] / seconds[2]:>8.2f}x faster "
-                      f"than the original's {original[0]} s per second-order iteration{memory} "
-                      f"(its figures: a 2-core machine)", flush=True)
+                mine = project(__file__, config)
+                theirs = original(baseline, "search", ["--location", location, "--batch", str(batch),
+                                                       "--order", str(order)],
+                                  args.warmup, args.steps, args.threads)
+                seconds[order] = mine["seconds"]
+                row = (f"{location:<13} {batch:>5} {order:>5} | {mine['seconds']:>9.2f} "
+                       f"{mine['peak_rss_mb']:>8.0f} | ")
+                if theirs:
+                    row += (f"{theirs['sec_per_iter']:>10.2f} {theirs['peak_rss_mb']:>8.0f} | "
+                            f"{ratio(theirs['sec_per_iter'], mine['seconds']):>8} "
+                            f"{ratio(theirs['peak_rss_mb'], mine['peak_rss_mb']):>7}")
+                if "peak_gpu_mb" in mine:
+                    row += f"  (peak GPU {mine['peak_gpu_mb']:.0f} MB)"
+                print(row, flush=True)
+            if len(seconds) == 2:
+                print(f"{location:<13} {batch:>5}       project second/first order: "
+                      f"{seconds[2] / seconds[1]:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,13 @@ def digest(tensors: Iterable[torch.Tensor]) -> List[float]:
     return [math.sqrt(norm2), first, second]
 
 
+def _flat(value: Any) -> List[float]:
+    """The numbers of nested lists (rows may differ in length), in order."""
+    if isinstance(value, (list, tuple)):
+        return [number for item in value for number in _flat(item)]
+    return [float(value)]
+
+
 def assert_close(value: Any, reference: Any, rtol: float = 1e-8, atol: float = 1e-12,
                  where: str = "") -> None:
     """Nested lists/numbers equal up to float64 rounding: |a - b| <= atol + rtol |b|.
@@ -67,8 +74,8 @@ def assert_close(value: Any, reference: Any, rtol: float = 1e-8, atol: float = 1
     Recorded and recomputed values differ only by the order of float64 operations
     (other kernels, another CPU kind: measured up to 1e-11 relative), so 1e-8 is
     far above rounding and far below any change of the math."""
-    got = torch.tensor(value, dtype=torch.float64).flatten()
-    expected = torch.tensor(reference, dtype=torch.float64).flatten()
+    got = torch.tensor(_flat(value), dtype=torch.float64)
+    expected = torch.tensor(_flat(reference), dtype=torch.float64)
     assert got.shape == expected.shape, f"{where}: {got.shape} vs {expected.shape}"
     error = (got - expected).abs() - (atol + rtol * expected.abs())
     worst = int(error.argmax()) if error.numel() else 0
