@@ -1,6 +1,7 @@
 """``arch_history.jsonl``: one JSON object per finished search epoch (its metrics, the
-softmaxed architecture parameters, their candidate names and the genotype), written by
-the search (searching.py) and read by plot_search.py."""
+softmaxed architecture parameters, their candidate names, the genotype, the collapse
+diagnostics, and when there is one the Hessian eigenvalue and the early stop), written
+by the search (searching.py) and read by plot_search.py."""
 import json
 import os
 from typing import Any, Dict

@@ -9,7 +9,13 @@ the search script) and writes, into ``--out_dir`` (default ``RUN_DIR/plots``):
   colour: softmaxed weight on a shared 0..1 scale); for a per-cell parameter
   (the cell-end ``gammas``), one heatmap candidates x epochs;
 - ``curves.png``: train/valid accuracy, train/valid loss and, if logged, the
-  learning rate over the epochs.
+  learning rate over the epochs;
+- ``diagnostics.png`` (runs that logged diagnostics): the signs of a collapse per
+  epoch: parameter-free operations (and skip_connect) in the derived cells, the
+  normalised entropy of the softmaxed rows, the genotype edges that changed, and the
+  dominant Hessian eigenvalue when it was measured; an early stop is marked;
+- ``attention.png`` (searches with attention on the edges): how many edges of each
+  cell type chose each attention module.
 
 Usage: ``python plot_search.py RUN_DIR [--out_dir DIR]``.
 """
@@ -22,17 +28,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from atomic import atomic_write
 from errors import UserError, run_cli
+from figures import (attention_names, epoch_labels, new_figure, plot_attention, plot_curves,
+                     plot_diagnostics, save_figure)
 from history import HISTORY
 
 CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # NaN: epoch without it
 _PARAM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_METRICS = ("train_acc", "valid_acc", "train_loss", "valid_loss", "lr")
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,11 +83,6 @@ def read_history(path: str) -> List[Dict[str, Any]]:
     return history
 
 
-def _epochs(history: Sequence[Dict[str, Any]]) -> List[Any]:
-    """The epoch label of each record (its ``"epoch"`` field, else its 1-based position)."""
-    return [record.get("epoch", index + 1) for index, record in enumerate(history)]
-
-
 def _as_matrix(value: Any, param: str, epoch: Any) -> np.ndarray:
     """One epoch's value of a parameter as a float array of 1 or 2 dimensions."""
     try:
@@ -104,7 +103,7 @@ def collect_params(history: Sequence[Dict[str, Any]]) -> Dict[str, Tuple[np.ndar
     shapes: Dict[str, Tuple[int, ...]] = {}
     names: Dict[str, List[str]] = {}
     per_epoch: List[Dict[str, np.ndarray]] = []
-    for record, epoch in zip(history, _epochs(history)):
+    for record, epoch in zip(history, epoch_labels(history)):
         arrays = {}
         for param, value in record["arch"].items():
             if not _PARAM_NAME.match(str(param)):
@@ -134,18 +133,6 @@ def collect_params(history: Sequence[Dict[str, Any]]) -> Dict[str, Tuple[np.ndar
 
 
 # -- plotting ------------------------------------------------------------------------
-
-def _save(fig: Figure, path: str) -> None:
-    """Write a figure as PNG atomically."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
-def _new_figure(width: float, height: float, layout: Optional[str] = "constrained") -> Figure:
-    """A figure on the Agg canvas (no display, no pyplot global state)."""
-    fig = Figure(figsize=(width, height), layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
-
 
 def _edge_layout(num_edges: int) -> Optional[List[Tuple[int, int]]]:
     """``(node, input)`` of each edge when ``num_edges`` fits a DARTS cell, else None."""
@@ -216,7 +203,7 @@ def plot_edges(values: np.ndarray, names: Sequence[str], epochs: Sequence[Any], 
     right, top, bottom, wgap, hgap = 1.2, 0.55, 0.5, 0.15, 0.55
     width = left + cols * panel_w + (cols - 1) * wgap + right
     height = bottom + rows * panel_h + (rows - 1) * hgap + top
-    fig = _new_figure(width, height, layout=None)
+    fig = new_figure(width, height, layout=None)
     grid = fig.add_gridspec(rows, cols, left=left / width, right=1 - right / width,
                             bottom=bottom / height, top=1 - top / height,
                             wspace=wgap / panel_w, hspace=hgap / panel_h)
@@ -233,69 +220,32 @@ def plot_edges(values: np.ndarray, names: Sequence[str], epochs: Sequence[Any], 
                         0.18 / width, bar_h / height])
     fig.colorbar(image, cax=cax, label="softmax weight")
     fig.suptitle(f"{param}: softmaxed weight per edge (rows: candidates, columns: epochs)", fontsize=10, y=1 - 0.15 / height)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_cell(values: np.ndarray, names: Sequence[str], epochs: Sequence[Any], param: str,
               path: str) -> None:
     """One heatmap candidates x epochs of a per-cell parameter (values: epochs x candidates)."""
-    fig = _new_figure(7.0, max(2.8, 0.3 * len(names) + 1.6))
+    fig = new_figure(7.0, max(2.8, 0.3 * len(names) + 1.6))
     ax = fig.subplots()
     image = _heatmap(ax, values.T, epochs, names, show_names=True)
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel("candidate", fontsize=8)
     fig.colorbar(image, ax=ax, label="softmax weight")
     fig.suptitle(f"{param}: softmaxed weight (rows: candidates, columns: epochs)", fontsize=10)
-    _save(fig, path)
-
-
-def _series(history: Sequence[Dict[str, Any]], key: str) -> np.ndarray:
-    """A metric per epoch as floats, NaN where it is missing or not a number."""
-    out = []
-    for record in history:
-        value = record.get(key)
-        out.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
-                   else math.nan)
-    return np.asarray(out, dtype=float)
-
-
-def plot_curves(history: Sequence[Dict[str, Any]], path: str) -> None:
-    """Accuracy, loss and (if logged) learning rate over the epochs."""
-    epochs = np.asarray([e if isinstance(e, (int, float)) else i + 1
-                         for i, e in enumerate(_epochs(history))], dtype=float)
-    series = {key: _series(history, key) for key in _METRICS}
-    panels = [("accuracy (%)", ("train_acc", "valid_acc")), ("loss", ("train_loss", "valid_loss"))]
-    if not np.all(np.isnan(series["lr"])):
-        panels.append(("learning rate", ("lr",)))
-    fig = _new_figure(4.2 * len(panels), 3.8)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (label, keys) in zip(axes, panels):
-        drawn = False
-        for key in keys:
-            if np.all(np.isnan(series[key])):
-                continue
-            ax.plot(epochs, series[key], marker="o", markersize=3, label=key.split("_")[0])
-            drawn = True
-        if not drawn:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-        elif len(keys) > 1:
-            ax.legend(fontsize=8)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.grid(alpha=0.3)
-    fig.suptitle("search metrics", fontsize=11)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_history(history: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
-    """Write ``<param>.png`` for every architecture parameter and ``curves.png``.
+    """Write ``<param>.png`` for every architecture parameter, ``curves.png`` and, when
+    the history holds diagnostics, ``diagnostics.png`` and ``attention.png``.
 
-    Returns the paths written, parameters first (in first-seen order), curves last."""
+    Returns the paths written: parameters first (in first-seen order), then curves,
+    then the diagnostics."""
     if not history:
         raise UserError("empty history: nothing to plot")
     params = collect_params(history)
-    epochs = _epochs(history)
+    epochs = epoch_labels(history)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as error:
@@ -312,6 +262,15 @@ def plot_history(history: Sequence[Dict[str, Any]], out_dir: str) -> List[str]:
         path = os.path.join(out_dir, "curves.png")
         plot_curves(history, path)
         written.append(path)
+        if any(isinstance(record.get("diagnostics"), dict) for record in history):
+            path = os.path.join(out_dir, "diagnostics.png")
+            plot_diagnostics(history, path)
+            written.append(path)
+            names = attention_names(history)
+            if names:
+                path = os.path.join(out_dir, "attention.png")
+                plot_attention(history, names, path)
+                written.append(path)
     except OSError as error:
         raise UserError(f"{out_dir}: cannot write a plot: {error}") from None
     return written

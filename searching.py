@@ -9,35 +9,46 @@ the weights w (momentum, weight decay, gradient-norm clipping, cosine learning r
 on a batch of the weight half.
 
 A search writes, in its run directory: log.txt, genotype.json (every epoch),
-arch_history.jsonl (softmaxed A and metrics per epoch, for plot_search.py) and
-checkpoint.pt (resume with --checkpoint_path).
+arch_history.jsonl (softmaxed A, metrics and diagnostics per epoch, for plot_search.py),
+metrics.csv (and TensorBoard logs when the package is installed) and checkpoint.pt
+(resume with --checkpoint_path).  Every epoch it also logs signs of a collapse
+(diagnostics.py), every --hessian_every epochs the dominant eigenvalue of the
+validation loss's Hessian in architecture space (curvature.py), and it may stop
+early on either (--early_stop, early_stop.py).
 """
 import argparse
 import hashlib
 import json
 import os
+import sys
 import time
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+import curvature
 import data
 import parallel
 from architect import Architect
 from complexity import count_parameters
+from diagnostics import describe, epoch_diagnostics, scalars
+from early_stop import EarlyStop
 from errors import UserError
 from experiment import (GENOTYPE, Accuracy, RunLog, checkpoint_file, cosine_schedule,
                         evaluate, load_checkpoint, progress, restore,
                         resumed_schedule, run_directory, run_epoch, save_checkpoint, set_seed,
                         to_device, weight_step)
-from genotypes import genotype_to_dict, save_genotype
+from genotypes import Genotype, genotype_from_dict, genotype_to_dict, save_genotype
 from history import record_epoch
+from metrics import Metrics, heatmap_image
 from model_search import AttLocation, Network
 from parallel import Runtime
 from precision import Precision, memory_format, resolve_channels_last
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+# Set to 1: each process prints a hash of the architecture after every search step.
+TRACE_ARCH = "ATT_DARTS_TRACE_ARCH"
 
 
 def search_step(model: nn.Module, architect: Architect, optimizer: torch.optim.Optimizer,
@@ -61,13 +72,32 @@ def search_epoch(model: nn.Module, architect: Architect, optimizer: torch.optim.
                  lr: float, precision: Precision, runtime: Runtime, args: argparse.Namespace,
                  log: RunLog) -> Tuple[float, Accuracy]:
     """One pass over the weight half, each batch paired with the next batch of the
-    architecture half; returns the mean loss and accuracy of the weight steps."""
+    architecture half; returns the mean loss and accuracy of the weight steps.
+
+    With ``ATT_DARTS_TRACE_ARCH=1`` in the environment every process prints
+    ``rank R epoch E step S architecture sha256 H`` after each iteration (epoch and
+    step counted from 1; the weight step leaves the architecture alone, so H is that
+    of the architecture step): the ranks of a torchrun search must agree at every step."""
     model.train()
+    trace = os.environ.get(TRACE_ARCH) == "1"
+    epoch = getattr(train_loader.sampler, "epoch", 0) + 1
+    steps = 0
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        nonlocal steps
         valid = to_device(*next(arch_batches), runtime, args.channels_last)
-        return search_step(model, architect, optimizer, precision, (images, targets), valid, lr,
-                           args.grad_clip)
+        result = search_step(model, architect, optimizer, precision, (images, targets), valid, lr,
+                             args.grad_clip)
+        steps += 1
+        if trace:
+            # One write of the whole line, after any pending output: under torchrun the
+            # processes share one output, and an unbuffered print() (PYTHONUNBUFFERED)
+            # writes its newline apart.
+            sys.stdout.flush()
+            sys.stdout.write(f"rank {runtime.rank} epoch {epoch} step {steps} architecture "
+                             f"sha256 {arch_digest(architect.network)}\n")
+            sys.stdout.flush()
+        return result
 
     return run_epoch(train_loader, step, runtime, args.channels_last, "search",
                      report_freq=args.report_freq, log=log)
@@ -101,6 +131,49 @@ def arch_digest(network: Network) -> str:
     return digest.hexdigest()[:16]
 
 
+def add_collapse_flags(parser: argparse.ArgumentParser) -> None:
+    """train_search.py's flags of curvature tracking and early stopping."""
+    parser.add_argument("--hessian_every", type=int, default=0, metavar="K",
+                        help="every K epochs, compute the dominant eigenvalue of the Hessian of the "
+                             "validation loss with respect to the architecture parameters (power "
+                             "iteration on Hessian-vector products; RobustDARTS' sign of collapse); 0: never")
+    parser.add_argument("--hessian_images", type=int, default=256,
+                        help="size of the fixed subset of the architecture half the eigenvalue is "
+                             "computed on (shared out among torchrun processes)")
+    parser.add_argument("--hessian_iterations", type=int, default=20,
+                        help="at most this many power iterations, each one Hessian-vector product over "
+                             "the subset; fewer when the estimate changes by at most 1e-5 (relative)")
+    parser.add_argument("--early_stop", default=None, metavar="RULE",
+                        help="stop the search early: 'skip:N' when the derived normal cell holds N or "
+                             "more skip_connect, keeping that epoch's genotype (DARTS+); 'hessian' when "
+                             "the eigenvalue grows (needs --hessian_every), keeping the genotype of the "
+                             "epoch before the window that grew (RobustDARTS)")
+    parser.add_argument("--early_stop_window", type=int, default=5,
+                        help="--early_stop hessian: compare the mean magnitude of the last this many "
+                             "eigenvalues with that of the ones before them")
+    parser.add_argument("--early_stop_after", type=int, default=10,
+                        help="--early_stop hessian: check only after this epoch")
+    parser.add_argument("--early_stop_ratio", type=float, default=1.3,
+                        help="--early_stop hessian: stop when the mean magnitude grew more than this factor")
+
+
+def early_stop_rule(args: argparse.Namespace) -> Optional[EarlyStop]:
+    """The flags of curvature tracking and early stopping, checked; the --early_stop rule."""
+    if args.hessian_every < 0:
+        raise UserError(f"--hessian_every must be 0 (off) or a number of epochs, got {args.hessian_every}")
+    if args.hessian_images < 2 or args.hessian_iterations < 1:
+        raise UserError(f"--hessian_images must be at least 2 and --hessian_iterations at least 1, "
+                        f"got {args.hessian_images} and {args.hessian_iterations}")
+    if args.early_stop is None:
+        return None
+    rule = EarlyStop.parse(args.early_stop, args.early_stop_window, args.early_stop_after,
+                           args.early_stop_ratio)
+    if rule.rule == "hessian" and not args.hessian_every:
+        raise UserError("--early_stop hessian watches the Hessian eigenvalue: give --hessian_every "
+                        "K as well (K=1: every epoch, as RobustDARTS)")
+    return rule
+
+
 def search(args: argparse.Namespace) -> None:
     """train_search.py's whole run on every process of this launch."""
     try:
@@ -109,15 +182,22 @@ def search(args: argparse.Namespace) -> None:
         raise UserError(f"--location: {error}") from None
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    early_stop = early_stop_rule(args)
     runtime = parallel.setup()
     try:
         args.channels_last = resolve_channels_last(args.channels_last, runtime.device)
-        run_search(args, location, runtime)
+        run_search(args, location, runtime, early_stop)
     finally:
         parallel.teardown()
 
 
-def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime) -> None:
+def kept_genotype(summaries: List[Dict[str, Any]], epoch: int) -> Genotype:
+    """The genotype of ``epoch`` among the per-epoch summaries."""
+    return genotype_from_dict(next(s["genotype"] for s in summaries if s["epoch"] == epoch))
+
+
+def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
+               early_stop: Optional[EarlyStop]) -> None:
     """This process's part of the search: data, supernet, resume, then the epochs."""
     path = checkpoint_file(args.checkpoint_path) if args.checkpoint_path else None
     state = load_checkpoint(path, args, "search", ("weight_optimizer", "arch_optimizer",
@@ -142,6 +222,11 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
         raise UserError(f"{len(dataset)} training images split by --train_portion "
                         f"{args.train_portion} leave less than one batch of --batchsz "
                         f"{args.batchsz} per process in a half")
+    hessian_images = min(args.hessian_images, len(arch_half))
+    if args.hessian_every and hessian_images < 2 * runtime.world_size:
+        raise UserError(f"--hessian_images {args.hessian_images} ({len(arch_half)} images in the "
+                        f"architecture half) leaves a process fewer than 2 images, which "
+                        f"BatchNorm needs")
     # Created only once the data is there: a failed start leaves no empty directory.
     run_dir = run_directory(path, args.exp_path, runtime)
     log = RunLog(run_dir)
@@ -155,12 +240,21 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
                                 weight_decay=args.wd)
     architect = Architect(model, optimizer, args.arch_lr, args.arch_wd, args.unrolled)
     optimizers = {"weight_optimizer": optimizer, "arch_optimizer": architect.optimizer}
+    # The same images every time the eigenvalue is measured, after a resume too.
+    hessian_batches = (curvature.fixed_subset(arch_half, hessian_images, args.batchsz, runtime,
+                                              args.channels_last) if args.hessian_every else [])
 
     start_epoch = 0
+    # Per epoch: genotype and eigenvalue, what --early_stop decides on (kept in the checkpoint).
+    summaries: List[Dict[str, Any]] = []
+    stopped: Optional[Dict[str, Any]] = None
     if state is not None:
         arch_batches.load_state_dict(state["arch_batches"])
         restore(state, path, network, optimizers, precision, runtime, args.seed)
         start_epoch = state["epoch"]
+        summaries = list(state.get("epoch_summaries", []))
+        stopped = state.get("early_stop")
+        previous = genotype_from_dict(state["genotype"])
         log(f"resuming {run_dir} after epoch {start_epoch}/{args.epochs}")
     else:
         log(f"run directory {run_dir}")
@@ -172,9 +266,26 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
             f"{'channels-last' if args.channels_last else 'contiguous'} layout, cells "
             f"{'recomputed in backward' if args.recompute else 'kept for backward'}, "
             f"{'second' if args.unrolled else 'first'} order")
+        if args.hessian_every:
+            log(f"hessian: dominant eigenvalue of the validation loss's Hessian in architecture "
+                f"space every {args.hessian_every} epoch(s), on a fixed subset of {hessian_images} "
+                f"images of the architecture half (power iteration: at most "
+                f"{args.hessian_iterations} Hessian-vector products, relative tolerance "
+                f"{curvature.TOLERANCE:g})")
+        # The first epoch's genotype is compared with the initial architecture's.
+        previous = network.genotype()
+    metrics = Metrics(run_dir, resumed_after=start_epoch)
+    if state is None:
+        log(metrics.describe())
     scheduler = resumed_schedule(cosine_schedule(args.epochs, args.lr_min), optimizer, start_epoch)
+    final = network.genotype()
+    if stopped is not None:
+        final = kept_genotype(summaries, stopped["kept_epoch"])
+        log(f"this search stopped early after epoch {stopped['epoch']}: {stopped['reason']}; "
+            f"nothing to resume")
 
-    epochs = progress(range(start_epoch, args.epochs), runtime, desc="epochs",
+    last_epoch = start_epoch if stopped is not None else args.epochs
+    epochs = progress(range(start_epoch, last_epoch), runtime, desc="epochs",
                       initial=start_epoch, total=args.epochs)
     for epoch in epochs:
         started = time.time()
@@ -187,27 +298,64 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
         valid_loss, valid_acc = evaluate_supernet(network if runtime.distributed else model,
                                                   valid_loader, precision, runtime,
                                                   args.channels_last)
+        seconds = time.time() - started
         genotype = network.genotype()
         arch = network.softmaxed_arch()
+        stats = epoch_diagnostics(network, genotype, previous)
         epochs.set_postfix_str(f"train {train_acc.percent():.2f}% valid {valid_acc.percent():.2f}%")
         log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.6e} train_loss {train_loss:.4f} "
             f"train_acc {train_acc.percent():.4f}% valid_loss {valid_loss:.4f} "
-            f"valid_acc {valid_acc.percent():.4f}% time {time.time() - started:.1f}s")
+            f"valid_acc {valid_acc.percent():.4f}% time {seconds:.1f}s")
         log(f"genotype {genotype}")
         for name, weights in arch.items():
             rounded = [[round(w, 4) for w in row] if isinstance(row, list) else round(row, 4)
                        for row in weights]
             log(f"{name} (softmax) {json.dumps(rounded)}")
+        for line in describe(stats, f"epoch {epoch}" if epoch else "the initial architecture"):
+            log(line)
+        record = {"epoch": epoch + 1, "lr": lr, "train_acc": train_acc.percent(),
+                  "train_loss": train_loss, "valid_acc": valid_acc.percent(),
+                  "valid_loss": valid_loss, "genotype": genotype_to_dict(genotype), "arch": arch,
+                  "candidates": candidate_names(network), "diagnostics": stats}
+        row = {"lr": lr, "train_loss": train_loss, "train_acc": train_acc.percent(),
+               "valid_loss": valid_loss, "valid_acc": valid_acc.percent(), "seconds": seconds,
+               **scalars(stats)}
+        eigenvalue = None
+        if args.hessian_every and (epoch + 1) % args.hessian_every == 0:
+            measured = time.time()
+            eigenvalue = curvature.dominant_eigenvalue(network, hessian_batches,
+                                                       args.hessian_iterations)
+            log(f"hessian: dominant eigenvalue {eigenvalue.value:.6e} ({hessian_images} images, "
+                f"{eigenvalue.iterations} power iterations, "
+                f"{'converged' if eigenvalue.converged else 'not converged'}: last relative "
+                f"change {eigenvalue.change:.1e}) time {time.time() - measured:.1f}s")
+            record["hessian"] = {"eigenvalue": eigenvalue.value, "images": hessian_images,
+                                 "iterations": eigenvalue.iterations,
+                                 "converged": eigenvalue.converged}
+            row["hessian_eigenvalue"] = eigenvalue.value
+        summaries.append({"epoch": epoch + 1, "genotype": genotype_to_dict(genotype),
+                          "eigenvalue": eigenvalue.value if eigenvalue else None})
+        stop = early_stop.check(summaries) if early_stop else None
+        final = kept_genotype(summaries, stop.kept_epoch) if stop else genotype
+        if stop:
+            record["early_stop"] = stop.to_dict()
         if runtime.is_main:
-            save_genotype(genotype, os.path.join(run_dir, GENOTYPE))
-            record_epoch(run_dir, epoch + 1, {
-                "epoch": epoch + 1, "lr": lr, "train_acc": train_acc.percent(),
-                "train_loss": train_loss, "valid_acc": valid_acc.percent(),
-                "valid_loss": valid_loss, "genotype": genotype_to_dict(genotype), "arch": arch,
-                "candidates": candidate_names(network)})
+            save_genotype(final, os.path.join(run_dir, GENOTYPE))
+            record_epoch(run_dir, epoch + 1, record)
+        metrics.write(epoch + 1, row, {f"arch/{name}": heatmap_image(weights)
+                                       for name, weights in arch.items()} if metrics.writer else None)
         save_checkpoint(run_dir, runtime, network, optimizers, scheduler, precision, epoch + 1,
-                        args, genotype, arch_batches=arch_batches.state_dict())
+                        args, genotype, arch_batches=arch_batches.state_dict(),
+                        epoch_summaries=summaries, early_stop=stop.to_dict() if stop else None)
+        previous = genotype
+        if stop:
+            log(f"early stop after epoch {epoch + 1}: {stop.reason}")
+            break
     epochs.close()
+    metrics.close()
     if runtime.distributed:
         print(f"rank {runtime.rank}: architecture sha256 {arch_digest(network)}", flush=True)
-    log(f"final genotype {network.genotype()} written to {os.path.join(str(run_dir), GENOTYPE)}")
+        if args.hessian_every:
+            print(f"rank {runtime.rank}: hessian eigenvalues "
+                  f"{[s['eigenvalue'] for s in summaries if s['eigenvalue'] is not None]}", flush=True)
+    log(f"final genotype {final} written to {os.path.join(str(run_dir), GENOTYPE)}")

@@ -5,8 +5,9 @@
     python train_search.py --location end        # first order, one attention per cell
 
 Writes, in a new directory under --exp_path: log.txt, genotype.json (every epoch),
-arch_history.jsonl (softmaxed alpha/beta/gamma and metrics per epoch, for
-plot_search.py) and checkpoint.pt (resume with --checkpoint_path).
+arch_history.jsonl (softmaxed alpha/beta/gamma, metrics and diagnostics per epoch, for
+plot_search.py), metrics.csv (plus TensorBoard logs when tensorboard is installed) and
+checkpoint.pt (resume with --checkpoint_path).
 """
 import argparse
 
@@ -52,6 +53,7 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
                     help="keep only the inputs of each part of a cell (preprocessings, nodes, cell "
                          "end) in the training forward passes and recompute the part during backward: "
                          "same gradients, far less memory, one more forward per pass")
+searching.add_collapse_flags(parser)
 add_precision_flags(parser, channels_last_default="auto")
 
 

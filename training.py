@@ -3,8 +3,10 @@ train_CIFAR100.py, train_ImageNet.py and the test_*.py scripts.
 
 A run lives in its own directory (``--exp_path/<script>-<timestamp>``):
 
-- ``log.txt``: flags, parameter count, one line per epoch (lr, train loss/accuracy,
-  test accuracy) and the final test result;
+- ``log.txt``: flags, parameter count and multiply-accumulates per image, one line per
+  epoch (lr, train loss/accuracy, test accuracy) and the final test result;
+- ``metrics.csv``: one row per epoch (and TensorBoard logs in ``tensorboard/`` when
+  the tensorboard package is installed);
 - ``checkpoint.pt``: everything needed to resume, rewritten after each epoch
   (``--checkpoint_path`` continues the run in the same directory);
 - ``best.pt``: the weights with the best test accuracy so far;
@@ -27,13 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 
 import data
 import parallel
-from complexity import count_parameters
+from complexity import count_macs, count_parameters
 from errors import UserError
 from experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunLog, atomic_save, checkpoint_file,
                         evaluate, load_checkpoint, load_weights,
                         progress, restore, resumed_schedule, run_directory, run_epoch,
                         save_checkpoint, set_seed, weight_step)
 from genotypes import NAMED_GENOTYPES, Genotype, genotype_to_dict, resolve_genotype, save_genotype
+from metrics import Metrics
 from model import NetworkCIFAR, NetworkImageNet
 from parallel import Runtime
 from precision import Precision, add_precision_flags, memory_format
@@ -134,6 +137,11 @@ def load_split(args: argparse.Namespace, dataset: str, train: bool) -> Dataset:
     return data.cifar_split(args.data, dataset, train, cutout_length)
 
 
+def input_size_of(dataset: str) -> Tuple[int, int, int]:
+    """(channels, height, width) of the images a network of ``dataset`` sees."""
+    return (3, 224, 224) if dataset == "imagenet" else (3, 32, 32)
+
+
 def build_network(args: argparse.Namespace, dataset: str, num_classes: int,
                   genotype: Genotype) -> nn.Module:
     network = NetworkImageNet if dataset == "imagenet" else NetworkCIFAR
@@ -187,10 +195,11 @@ def test_accuracy(model: nn.Module, loader: DataLoader, runtime: Runtime, precis
 def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype: Genotype,
         train_set: Dataset, test_set: Dataset, criterion: nn.Module,
         make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler],
-        topk: Sequence[int] = (1,)) -> Accuracy:
+        input_size: Tuple[int, int, int], topk: Sequence[int] = (1,)) -> Accuracy:
     """Train the bare ``network`` for ``args.epochs`` (or the rest of them, with
     ``--checkpoint_path``), testing after each epoch, with checkpoints and logs in the
-    run directory; returns the final test accuracy."""
+    run directory; returns the final test accuracy.  ``input_size``: (channels, height,
+    width) of an image, for the multiply-accumulates logged."""
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     train_loader = data.make_loader(train_set, args.batchsz, runtime, shuffle=True,
@@ -228,12 +237,17 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
         log(f"run directory {run_dir}")
         log(f"args {vars(args)}")
         log(f"genotype {genotype}")
-        log(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded)")
+        log(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded), "
+            f"{count_macs(network, input_size) / 1e6:.1f} M multiply-accumulates per "
+            f"{input_size[1]}x{input_size[2]} image")
         log(f"{len(train_set)} training and {len(test_set)} test images, "
             f"{data.num_classes_of(train_set)} classes; {runtime.world_size} process(es) on "
             f"{runtime.device}, {precision!r}")
         if runtime.is_main:
             save_genotype(genotype, os.path.join(run_dir, GENOTYPE))
+    metrics = Metrics(run_dir, resumed_after=start_epoch)
+    if state is None:
+        log(metrics.describe())
     scheduler = resumed_schedule(make_scheduler, optimizer, start_epoch)
 
     epochs = progress(range(start_epoch, args.epochs), runtime, desc="epochs",
@@ -256,14 +270,21 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
                                f"test {last_test.percent(topk[0]):.2f}%")
         # Logged before the checkpoint is saved: a run killed in between repeats a line
         # rather than losing one.
+        seconds = time.time() - started
         log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.6e} drop_path {network.drop_path_prob:.4f} "
             f"train_loss {train_loss:.4f} train_acc {train_acc.percent():.4f}% test {last_test} "
-            f"best {best_acc:.4f}% time {time.time() - started:.1f}s")
+            f"best {best_acc:.4f}% time {seconds:.1f}s")
+        metrics.write(epoch + 1, {
+            "lr": lr, "drop_path": network.drop_path_prob, "train_loss": train_loss,
+            "train_acc": train_acc.percent(),
+            **{f"test_top{k}_acc": last_test.percent(k) for k in topk},
+            "best_acc": best_acc, "seconds": seconds})
         if runtime.is_main and is_best:
             atomic_save(network.state_dict(), os.path.join(run_dir, "best.pt"))
         save_checkpoint(run_dir, runtime, network, {"optimizer": optimizer}, scheduler, precision,
                         epoch + 1, args, genotype, best_acc=best_acc, last_test=vars(last_test))
     epochs.close()
+    metrics.close()
 
     if runtime.is_main:
         atomic_save(network.state_dict(), os.path.join(run_dir, "trained.pt"))
@@ -290,7 +311,7 @@ def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
         set_seed(args.seed + runtime.rank)
         network = build_network(args, dataset, data.num_classes_of(train_set), genotype)
         fit(args, runtime, network, genotype, train_set, test_set, criterion.to(runtime.device),
-            make_scheduler, topk)
+            make_scheduler, input_size_of(dataset), topk)
     finally:
         parallel.teardown()
 

@@ -165,3 +165,48 @@ def test_inconsistent_shapes_is_user_error(tmp_path):
     run_dir = _write(tmp_path / "run", records)
     with pytest.raises(UserError, match=r"arch_history\.jsonl: epoch 2: arch\.alphas_normal"):
         plot_search.read_history(str(run_dir / "arch_history.jsonl"))
+
+
+def _with_diagnostics(records: list, attention: bool = True, hessian_every: int = 0) -> list:
+    """Add the search's per-epoch diagnostics (and eigenvalues every ``hessian_every``
+    epochs) to synthetic records: a collapse, skip_connect taking over the normal cell."""
+    for number, record in enumerate(records, 1):
+        skips = min(8, number)
+        entropy = {key: {"mean": 1.0 - 0.1 * number, "min": 1.0 - 0.15 * number}
+                   for key in record["arch"]}
+        record["diagnostics"] = {
+            "parameter_free": {"normal": skips, "reduce": 4}, "skip_connect": {"normal": skips, "reduce": 1},
+            "edges": {"normal": 8, "reduce": 8}, "genotype_changed": number % 2 == 1,
+            "edges_changed": number % 2, "entropy": entropy,
+            "attention": {cell: {"Identity": 8 - skips, "CBAM": skips} for cell in ("normal", "reduce")}
+            if attention else {},
+        }
+        if hessian_every and number % hessian_every == 0:
+            record["hessian"] = {"eigenvalue": 0.01 * number ** 2, "images": 256, "iterations": 20,
+                                 "converged": True}
+    return records
+
+
+def test_diagnostics_and_attention_plots(tmp_path):
+    records = _with_diagnostics(_history(6, MIXED), hessian_every=2)
+    records[-1]["early_stop"] = {"epoch": 6, "kept_epoch": 4, "reason": "the eigenvalue grew"}
+    run_dir = _write(tmp_path / "run", records)
+    result = _run(run_dir)
+    assert result.returncode == 0, result.stderr
+    out = run_dir / "plots"
+    assert {"curves.png", "diagnostics.png", "attention.png"} <= {p.name for p in out.iterdir()}
+    assert result.stdout.splitlines()[-2:] == [str(out / "diagnostics.png"), str(out / "attention.png")]
+    for name in ("diagnostics.png", "attention.png"):
+        _check_png(out / name)
+
+
+def test_diagnostics_without_edge_attention_or_eigenvalue(tmp_path):
+    """A no_attention search: no attention.png; unusable values are left out, not fatal."""
+    import plot_search
+
+    records = _with_diagnostics(_history(3, PRIMITIVES), attention=False)
+    records[1]["diagnostics"]["parameter_free"]["normal"] = "many"
+    del records[2]["diagnostics"]
+    written = plot_search.plot_history(records, str(tmp_path / "out"))
+    assert [pathlib.Path(p).name for p in written[-2:]] == ["curves.png", "diagnostics.png"]
+    _check_png(tmp_path / "out" / "diagnostics.png")
