@@ -38,3 +38,16 @@ def reference_state_dict_json(shared_dir) -> Path:
 def cifar_mini(shared_dir) -> Path:
     """The small CIFAR-10 ImageFolder tree (train/ and val/ with one folder per class)."""
     return _require(shared_dir / "data" / "cifar10-mini", "cifar10-mini data set")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored afterwards): recorded values are
+    compared bit for bit or nearly, and the order of a parallel reduction may
+    depend on the thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,8 +1,11 @@
 """The architecture step (architect.py): the second-order hypergradient
-against double backward, the first-order gradient, what one search iteration may
-and may not change, DataParallel and mixed precision.
+against double backward, the first-order gradient, what each of several search
+iterations may and may not change, DataParallel and mixed precision.
 
-Everything runs in-process on tiny supernets (C=4, 3 cells, 16x16 images)."""
+Everything runs in-process on tiny supernets (C=4, 3 cells, 16x16 images).  Claims of
+exactness are checked in float64, to 1e-9 relative; the finite difference against
+the size of what it approximates; float32 under --amp against bfloat16's own error."""
+import contextlib
 from typing import Dict, List
 
 import pytest
@@ -76,6 +79,12 @@ def _snapshot(tensors) -> List[torch.Tensor]:
     return [t.detach().clone() for t in tensors]
 
 
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
+    """A copy of every tensor of the optimizer's state (momentum buffers, Adam's moments
+    and step counts)."""
+    return _snapshot(t for state in optimizer.state.values() for t in state.values())
+
+
 def _bitwise_equal(a, b) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -144,6 +153,12 @@ class SmoothKinks(TorchFunctionMode):
     def _amax(input, dim=(), keepdim=False):
         return torch.logsumexp(input, dim=dim, keepdim=keepdim)
 
+    @staticmethod
+    def _max(input, dim, keepdim=False):
+        # max along a dimension (CBAM's channel max): (values, indices) as torch.max gives.
+        return torch.return_types.max((torch.logsumexp(input, dim=dim, keepdim=keepdim),
+                                       input.detach().argmax(dim=dim, keepdim=keepdim)))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = resolve_name(func) or repr(func)
@@ -152,7 +167,7 @@ class SmoothKinks(TorchFunctionMode):
             "relu": self._relu, "relu_": self._relu,
             "max_pool2d": self._max_pool2d,
             "adaptive_max_pool2d": self._adaptive_max_pool2d,
-            "amax": self._amax,
+            "amax": self._amax, "max": self._max,
         }.get(short)
         if replacement is not None:
             self.replaced[short] = self.replaced.get(short, 0) + 1
@@ -183,12 +198,18 @@ def test_second_order_gradient_matches_double_backward(location, float64):
     assert smooth.replaced.get("max_pool2d", 0) > 0
 
     assert [g.shape for g in second] == [a.shape for a in network.arch_parameters()]
+    # A central difference of step 0.01 along the unit direction is off by O(1e-4)
+    # (times curvature ratios) of what it approximates: it must recover the
+    # second-order correction (exact - first order), and the momentum's part of it,
+    # to within 1% of their size.  (Both are of the order of the gradient itself here.)
     error = _relative(second, exact)
-    assert error < 0.01, f"finite-difference hypergradient off by {error:.2%} from double backward"
-    # Not trivially true: the Hessian term and the momentum term both matter here.
-    assert _relative(first, exact) > 0.01
+    correction = _relative(first, exact)
+    assert error < 0.01 * correction, (
+        f"finite-difference hypergradient off by {error:.2e} from double backward, "
+        f"the second-order correction being {correction:.2e} (relative to the gradient)")
     if without_momentum is not None:
-        assert _relative(second, without_momentum) > 0.01
+        momentum_part = _relative(without_momentum, exact)
+        assert error < 0.01 * momentum_part, f"{error:.2e} against momentum's {momentum_part:.2e}"
 
 
 @pytest.mark.parametrize("unrolled", [False, True], ids=["first_order", "second_order"])
@@ -211,23 +232,28 @@ def test_recomputed_cells_give_the_same_architecture_gradient(unrolled, float64)
 # -- 2. first order --------------------------------------------------------------------
 
 @pytest.mark.parametrize("location", ["after_every", "after_every_and_end"])
-def test_first_order_gradient_is_the_validation_gradient(location):
+def test_first_order_gradient_is_the_validation_gradient(location, float64):
     network, optimizer, _, (images, targets) = _searched_network(location)
     architect = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=False)
     got = architect.first_order_gradient(images, targets)
-    loss = network.criterion(network(images).float(), targets)
-    expected = torch.autograd.grad(loss, network.arch_parameters())
+    expected = torch.autograd.grad(network.loss(images, targets), network.arch_parameters())
     assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        assert torch.allclose(g, e, rtol=1e-5, atol=1e-8)
+    assert _relative(got, expected) < 1e-9
 
 
 # -- 3. one search iteration -----------------------------------------------------------
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recomputed"])
-@pytest.mark.parametrize("unrolled", [False, True], ids=["first_order", "second_order"])
-def test_search_iteration_moves_only_what_it_should(unrolled, recompute):
-    network, optimizer, train, valid = _searched_network("after_every_and_end", recompute=recompute)
+ITERATIONS = 3  # the second is the first to start from state the first left behind
+
+
+# Both orders, both ways of running cells; second order without recomputation is the
+# slowest and adds nothing the other three do not cover.
+@pytest.mark.parametrize("unrolled, recompute", [(False, False), (False, True), (True, True)],
+                         ids=["first_order-plain", "first_order-recomputed", "second_order-recomputed"])
+def test_search_iterations_move_only_what_they_should(unrolled, recompute):
+    """Three search iterations on new batches each, the later ones starting from the
+    Adam state, momentum buffers and BN statistics the earlier ones left."""
+    network, optimizer, _, _ = _searched_network("after_every_and_end", recompute=recompute)
     arch_ids = {id(a) for a in network.arch_parameters()}
     grouped = [p for group in optimizer.param_groups for p in group["params"]]
     assert grouped and not {id(p) for p in grouped} & arch_ids
@@ -235,20 +261,9 @@ def test_search_iteration_moves_only_what_it_should(unrolled, recompute):
 
     architect = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=unrolled)
     assert {id(p) for group in architect.optimizer.param_groups for p in group["params"]} == arch_ids
-
-    # The virtual step and the finite difference leave w, A and BN statistics alone.
     weights, arch = list(network.weights()), network.arch_parameters()
     buffers = [b for _, b in network.named_buffers()]
-    w0, a0, b0 = _snapshot(weights), _snapshot(arch), _snapshot(buffers)
-    grads = (architect.second_order_gradient(*train, *valid, lr=0.025) if unrolled
-             else architect.first_order_gradient(*valid))
-    assert all(torch.isfinite(g).all() for g in grads)
-    assert _bitwise_equal(_snapshot(weights), w0)
-    assert _bitwise_equal(_snapshot(arch), a0)
-    assert _bitwise_equal(_snapshot(buffers), b0)
-    assert all(p.grad is None for p in arch)
 
-    # A whole search iteration, observed between its two steps.
     observed = {}
     real_step = architect.step
 
@@ -257,23 +272,43 @@ def test_search_iteration_moves_only_what_it_should(unrolled, recompute):
         observed.update(w=_snapshot(weights), a=_snapshot(arch), b=_snapshot(buffers))
 
     architect.step = spy
-    search_step(network, architect, optimizer, Precision(False, "bfloat16", CPU), train, valid,
-                0.025, 5.0)
-    assert observed, "search_step did not take an architecture step"
-    # The architecture step: A moves, w and the BN statistics do not.
-    assert not any(torch.equal(x, y) for x, y in zip(observed["a"], a0))
-    assert _bitwise_equal(observed["w"], w0)
-    assert _bitwise_equal(observed["b"], b0)
-    # The weight step: w and BN statistics move, A does not (bitwise).
-    assert _bitwise_equal(_snapshot(arch), observed["a"])
-    assert not _bitwise_equal(_snapshot(weights), w0)
-    assert not _bitwise_equal(_snapshot(buffers), b0)
-    assert all(p.requires_grad for p in arch)
+    for iteration in range(ITERATIONS):
+        train, valid = _batch(8, 400 + 2 * iteration), _batch(8, 401 + 2 * iteration)
+        w0, a0, b0 = _snapshot(weights), _snapshot(arch), _snapshot(buffers)
+        if iteration == 1:
+            # The gradient alone (virtual step, finite difference) leaves w, A, the BN
+            # statistics and both optimizers' state alone.
+            optimizers = _optimizer_state(optimizer) + _optimizer_state(architect.optimizer)
+            grads = (architect.second_order_gradient(*train, *valid, lr=0.025) if unrolled
+                     else architect.first_order_gradient(*valid))
+            assert all(torch.isfinite(g).all() for g in grads)
+            assert _bitwise_equal(_snapshot(weights), w0)
+            assert _bitwise_equal(_snapshot(arch), a0)
+            assert _bitwise_equal(_snapshot(buffers), b0)
+            assert _bitwise_equal(_optimizer_state(optimizer) + _optimizer_state(architect.optimizer),
+                                  optimizers)
+            assert all(p.grad is None for p in arch)
+
+        # A whole search iteration, observed between its two steps.
+        observed.clear()
+        search_step(network, architect, optimizer, Precision(False, "bfloat16", CPU), train, valid,
+                    0.025, 5.0)
+        assert observed, f"iteration {iteration + 1}: search_step took no architecture step"
+        # The architecture step: A moves, w and the BN statistics do not.
+        assert not any(torch.equal(x, y) for x, y in zip(observed["a"], a0))
+        assert _bitwise_equal(observed["w"], w0)
+        assert _bitwise_equal(observed["b"], b0)
+        # The weight step: w and BN statistics move, A does not (bitwise).
+        assert _bitwise_equal(_snapshot(arch), observed["a"])
+        assert not _bitwise_equal(_snapshot(weights), w0)
+        assert not _bitwise_equal(_snapshot(buffers), b0)
+        assert all(p.requires_grad for p in arch)
+    assert all(state["step"] == ITERATIONS for state in architect.optimizer.state.values())
 
 
 # -- 4. DataParallel ----------------------------------------------------------------------
 
-def test_dataparallel_wrapped_model_gives_the_same_gradients():
+def test_dataparallel_wrapped_model_gives_the_same_gradients(float64):
     network, optimizer, train, valid = _searched_network("after_every")
     bare = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=True)
     wrapped = Architect(nn.DataParallel(network), optimizer, ARCH_LR, ARCH_WD, unrolled=True)
@@ -282,8 +317,7 @@ def test_dataparallel_wrapped_model_gives_the_same_gradients():
                           (wrapped.second_order_gradient(*train, *valid, 0.025),
                            bare.second_order_gradient(*train, *valid, 0.025))):
         assert len(got) == len(expected)
-        for g, e in zip(got, expected):
-            assert torch.allclose(g, e, rtol=1e-6, atol=1e-9)
+        assert _relative(got, expected) < 1e-9
 
 
 # -- 5. mixed precision --------------------------------------------------------------------
@@ -291,11 +325,13 @@ def test_dataparallel_wrapped_model_gives_the_same_gradients():
 BF16 = Precision(True, "bfloat16", CPU)
 
 
-def test_bfloat16_second_order_step():
+def test_bfloat16_second_order_step(monkeypatch):
     """Under --amp (bfloat16 autocast around the search step) the second-order step
-    runs and its hypergradient stays within 5% of the float32 one: the architect
-    computes it in float32 (bfloat16 forwards put it 13-25% off on this network),
-    keeps float32 state and leaves the weights and BN statistics alone."""
+    computes in float32: its hypergradient is the float32 one up to float32 rounding,
+    which is 2^16 times finer than bfloat16's, so it must be at least 100 times closer
+    to it than the hypergradient of bfloat16 passes is (measured 45% off with AVX-512,
+    50% with AVX2; the float32 one came out identical, bit for bit, on both).
+    It keeps float32 state and leaves the weights and BN statistics alone."""
     network, optimizer, train, valid = _searched_network("after_every", batch=16)
     lr = 0.025
     reference = Architect(network, optimizer, ARCH_LR, ARCH_WD, unrolled=True)
@@ -307,7 +343,20 @@ def test_bfloat16_second_order_step():
     with BF16.autocast():
         got = architect.second_order_gradient(*train, *valid, lr)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in got)
-    assert _relative(got, expected) < 0.05
+
+    # The same step had the architect not switched autocast off: bfloat16 passes.
+    real_autocast = torch.autocast
+
+    def autocast_never_off(device_type, dtype=None, enabled=True, **kwargs):
+        return real_autocast(device_type, dtype=dtype, **kwargs) if enabled else contextlib.nullcontext()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "autocast", autocast_never_off)
+        with BF16.autocast():
+            in_bfloat16 = Architect(network, optimizer, ARCH_LR, ARCH_WD,
+                                    unrolled=True).second_order_gradient(*train, *valid, lr)
+    bfloat16_error = _relative(in_bfloat16, expected)
+    assert _relative(got, expected) <= bfloat16_error / 100, (_relative(got, expected), bfloat16_error)
 
     with BF16.autocast():
         architect.step(*train, *valid, lr)

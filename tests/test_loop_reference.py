@@ -36,12 +36,7 @@ def reference() -> dict:
     return load_reference("loop_reference")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(count: int, size: int, seed: int) -> TensorDataset:

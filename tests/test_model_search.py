@@ -1,10 +1,12 @@
 """The search supernet, and its recomputation of cells in backward."""
 import copy
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn as nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
 from model import NetworkCIFAR
@@ -162,17 +164,18 @@ def test_only_attention_batchnorms_are_affine_in_cells(location, supernets):
 
 
 def test_pooling_candidates_are_followed_by_a_non_affine_bn():
-    x = torch.randn(2, 8, 8, 8)
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
     for name in ("max_pool_3x3", "avg_pool_3x3"):
         for stride in (1, 2):
-            cand = build_candidate(name, 8, stride, 8 // stride, 8 // stride)
+            cand = build_candidate(name, 8, stride, 8 // stride, 8 // stride).double()
             bns = [m for m in cand.modules() if isinstance(m, nn.BatchNorm2d)]
             assert len(bns) == 1 and not bns[0].affine
             cand.train()
             y = cand(x)
             assert y.shape == (2, 8, 8 // stride, 8 // stride)
-            # normalised per channel over the batch
-            assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(8), atol=1e-5)
+            # Normalised per channel over the batch: mean 0 up to float64 rounding of
+            # values of order 1.
+            assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("name", ["SE", "BAM", "CBAM", "GE_theta-plus", "DoubleAttention"])
@@ -369,8 +372,11 @@ def test_softmaxed_arch_rows_sum_to_one():
     arch = net.softmaxed_arch()
     assert set(arch) == set(net.named_arch_parameters())
     for name, rows in arch.items():
-        rows = torch.tensor(rows)
-        assert torch.allclose(rows.sum(dim=-1), torch.ones(rows.shape[:-1]), atol=1e-6), name
+        # float32 softmaxes, summed exactly here (float64): each of a row's n entries
+        # carries about one float32 rounding, so the row sums to 1 within n epsilons.
+        rows = torch.tensor(rows, dtype=torch.float64)
+        error = (rows.sum(dim=-1) - 1).abs().max()
+        assert error <= rows.shape[-1] * torch.finfo(torch.float32).eps, (name, float(error))
 
 
 # -- recomputation (Network(recompute=True)) ------------------------------------------------
@@ -477,13 +483,40 @@ def _relative_difference(got, expected) -> float:
     return float((got - expected).norm() / expected.norm())
 
 
+class ConvolutionDtypes(TorchDispatchMode):
+    """Counts the convolutions (forward and backward) run per output dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+            first = next(o for o in (out if isinstance(out, tuple) else (out,)) if o is not None)
+            self.counts[str(first.dtype)] += 1
+        return out
+
+
 def test_recomputation_replays_autocast():
-    """Under --amp the cells are recomputed in bfloat16 too: the gradients match plain
-    autograd's bfloat16 ones up to bfloat16 rounding (~0.2%), far closer than the
-    float32 gradients are (~11%)."""
+    """Under --amp the cells are recomputed in bfloat16 too.
+
+    Exactly: every convolution of the recomputed backward, the re-run forwards
+    included, runs in bfloat16, as plain autograd's do (float32 ones would mean the
+    recomputation dropped autocast).  In size: the recomputed gradients differ from
+    plain autograd's bfloat16 ones only by the order of bfloat16 additions (a part's
+    gradient is summed inside its own backward), so they must be closer to them than
+    float32 gradients are, by a margin that is bfloat16 rounding and depends on the
+    CPU (oneDNN takes other paths with and without AVX-512).  Measured (C=4, 3 cells,
+    batch 8): recomputed 0.040 and float32 0.113 away with AVX-512, 0.043 and 0.110
+    with AVX2 only: 2.6 to 2.8 times closer; the test asks for 1.5."""
     plain, recomputed, images, targets = _pair("after_every", torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = _all_grads(plain, images, targets)
-        got = _all_grads(recomputed, images, targets)
+        with ConvolutionDtypes() as convolutions:
+            got = _all_grads(recomputed, images, targets)
     float32 = _all_grads(plain, images, targets)
-    assert _relative_difference(got, expected) < 0.01 < _relative_difference(float32, expected)
+    assert set(convolutions.counts) == {"torch.bfloat16"}, convolutions.counts
+    recomputed_error = _relative_difference(got, expected)
+    float32_error = _relative_difference(float32, expected)
+    assert recomputed_error < float32_error / 1.5, (recomputed_error, float32_error)

@@ -1,6 +1,11 @@
 """train_CIFAR10.py / train_CIFAR100.py / train_ImageNet.py: runs end to end on small
-image folders, the test scripts reproduce their accuracy, resume, torchrun, errors."""
+image folders, the test scripts reproduce their accuracy, resume, torchrun, errors.
+
+Every training run takes at least 3 steps per epoch and process (the runs log each
+step, --report_freq 1, and the tests check the count): the second step is where a
+loop's state carried from one step to the next first matters."""
 import os
+import re
 import signal
 import subprocess
 import time
@@ -26,6 +31,17 @@ def cifar(cifar_mini, tmp_path_factory) -> Path:
 
 def _state_dict(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+EVERY_STEP = ["--report_freq", "1"]
+
+
+def _steps_per_epoch(log: str) -> list:
+    """The step count of every epoch a run logged (its 'train step N/M' lines)."""
+    steps = [(int(n), int(m)) for n, m in re.findall(r"train step (\d+)/(\d+)", log)]
+    totals = [m for n, m in steps if n == m]
+    assert [n for n, _ in steps] == [n for m in totals for n in range(1, m + 1)], steps
+    return totals
 
 
 def _kill_tree(pid: int) -> None:
@@ -78,7 +94,7 @@ def cifar10_run(cifar, tmp_path_factory):
     (flags, stdout, run directory)."""
     exp = tmp_path_factory.mktemp("cifar10_run") / "exp"
     flags = ["--data", str(cifar), "--arch", "Att_DARTS", "--auxiliary", "--cutout", "--epochs", "1",
-             "--exp_path", str(exp), *TINY]
+             "--exp_path", str(exp), *TINY, *EVERY_STEP]
     return flags, run_ok("train_CIFAR10.py", *flags).stdout, only_run_dir(exp)
 
 
@@ -86,10 +102,11 @@ def test_cifar10_run_writes_its_files_and_the_test_script_reproduces_its_accurac
     _, stdout, run = cifar10_run
     assert run.name.startswith("train_CIFAR10-")
     assert {p.name for p in run.iterdir()} == {"log.txt", "trained.pt", "best.pt", "checkpoint.pt",
-                                              "genotype.json"}
+                                              "genotype.json", "metrics.csv"}
     log = (run / "log.txt").read_text()
     for expected in ("'cutout': True", "param size", "epoch 1/1 lr 2.500000e-02", "final test top-1"):
         assert expected in log
+    assert _steps_per_epoch(log) == [6]  # 200 images, batch 32
     # trained.pt: the bare state_dict of the network, in the published layout.
     weights = _state_dict(run / "trained.pt")
     reference = NetworkCIFAR(4, 10, 3, True, genotypes.Att_DARTS).state_dict()
@@ -123,8 +140,9 @@ def test_cifar100_on_a_folder_takes_the_class_count_from_it(cifar_mini, tmp_path
     # With mixed precision and channels-last too (bfloat16 autocast on the CPU).
     fast = ["--amp", "--channels_last"]
     trained = run_ok("train_CIFAR100.py", "--data", str(folder), "--auxiliary", "--epochs", "1",
-                     "--exp_path", str(exp), *fast, *TINY)
+                     "--exp_path", str(exp), *fast, *TINY, "--batchsz", "16", *EVERY_STEP)
     run = only_run_dir(exp)
+    assert _steps_per_epoch((run / "log.txt").read_text()) == [3]  # 60 images, batch 16
     weights = _state_dict(run / "trained.pt")
     assert weights["classifier.weight"].shape[0] == 3
     assert weights["auxiliary_head.classifier.weight"].shape[0] == 3
@@ -141,8 +159,9 @@ def test_imagenet_train_and_test_on_an_image_folder(tmp_path):
     exp = tmp_path / "exp"
     small = ["--init_ch", "8", "--layers", "3", "--batchsz", "4", "--workers", "0"]
     trained = run_ok("train_ImageNet.py", "--data", str(folder), "--auxiliary", "--epochs", "2",
-                     "--exp_path", str(exp), *small)
+                     "--exp_path", str(exp), *small, *EVERY_STEP)
     log = (only_run_dir(exp) / "log.txt").read_text()
+    assert _steps_per_epoch(log) == [3, 3]  # 12 images, batch 4
     # The step decay is what the run used: lr 0.1, then 0.1 * 0.97.
     assert "epoch 1/2 lr 1.000000e-01" in log and "epoch 2/2 lr 9.700000e-02" in log
     assert "'label_smooth': 0.1" in log
@@ -170,24 +189,25 @@ def test_imagenet_uses_label_smoothing_and_the_step_decay():
     import train_ImageNet
     args = train_ImageNet.parser.parse_args([])
     criterion = train_ImageNet.build_criterion(args)
-    assert criterion.label_smoothing == pytest.approx(0.1)
-    logits, target = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
+    assert criterion.label_smoothing == 0.1
+    # Two formulas of one quantity, compared in float64.
+    logits, target = torch.tensor([[2.0, 0.0, -1.0]], dtype=torch.float64), torch.tensor([0])
     smoothed = 0.9 * torch.nn.functional.cross_entropy(logits, target) - 0.1 * torch.log_softmax(
         logits, 1).mean()
-    assert criterion(logits, target).item() == pytest.approx(smoothed.item())
+    assert criterion(logits, target).item() == pytest.approx(smoothed.item(), rel=1e-12)
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
     scheduler = train_ImageNet.build_scheduler(optimizer, args)
     for _ in range(2):
         optimizer.step()
         scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.97 ** 2)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.97 ** 2, rel=1e-12)
     assert (args.batchsz, args.wd, args.epochs, args.init_ch, args.layers, args.drop_path_prob,
             args.seed) == (128, 3e-5, 250, 48, 14, 0.0, 0)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(cifar, tmp_path):
-    flags = ["--data", str(cifar), "--auxiliary", "--cutout", "--epochs", "2", *TINY]
+    flags = ["--data", str(cifar), "--auxiliary", "--cutout", "--epochs", "2", *TINY, *EVERY_STEP]
     reference = run_ok("train_CIFAR10.py", *flags, "--exp_path", str(tmp_path / "reference"))
     exp = tmp_path / "interrupted"
     run = _kill_after_first_checkpoint(command("train_CIFAR10.py", *flags, "--exp_path", str(exp)), exp)
@@ -201,6 +221,9 @@ def test_resumed_run_equals_an_uninterrupted_one(cifar, tmp_path):
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
     log = (run / "log.txt").read_text()
     assert "resuming" in log and log.count("final test") == 1
+    # The resumed part of the log: the whole second epoch (the killed run may have
+    # logged some of its steps before "resuming").
+    assert _steps_per_epoch(log.split("resuming")[1]) == [6]  # 200 images, batch 32
     # Cosine from 0.025 over 2 epochs; drop-path 0.2 ramped from 0.
     assert "epoch 2/2 lr 1.250000e-02 drop_path 0.1000" in log
     assert log.count("epoch 1/2 lr") == log.count("epoch 2/2 lr") == 1
@@ -235,12 +258,14 @@ def test_a_checkpoint_in_the_earlier_layout_resumes(cifar, tmp_path):
         "rng": [rng_entry()],
     }, run / "checkpoint.pt")
 
-    resumed = run_ok("train_CIFAR10.py", *flags, "--checkpoint_path", str(run / "checkpoint.pt"))
+    resumed = run_ok("train_CIFAR10.py", *flags, *EVERY_STEP,
+                     "--checkpoint_path", str(run / "checkpoint.pt"))
     assert not (tmp_path / "unused").exists()
     assert reported_accuracy(resumed.stdout)[0][3] == 100
     assert _state_dict(run / "checkpoint.pt")["epoch"] == 2
     log = (run / "log.txt").read_text()
     assert "resuming" in log and "epoch 2/2 lr 1.250000e-02" in log
+    assert _steps_per_epoch(log) == [6]
     assert (run / "trained.pt").exists()
 
 def test_resume_refuses_a_foreign_checkpoint_or_other_flags(cifar10_run):
@@ -272,7 +297,7 @@ def test_torchrun_run_and_its_resume_write_once_and_test_the_whole_split(cifar_m
     folder = mini_cifar(cifar_mini, tmp_path / "three", classes=("bird", "cat", "dog"), val=5)
     exp = tmp_path / "exp"
     flags = ["--data", str(folder), "--auxiliary", "--epochs", "2", "--exp_path", str(exp),
-             *TINY, "--batchsz", "8"]
+             *TINY, "--batchsz", "8", *EVERY_STEP]
     run = _kill_after_first_checkpoint(torchrun_command(2, "train_CIFAR10.py", *flags), exp)
     assert len(_state_dict(run / "checkpoint.pt")["rng"]) == 2  # each process's random streams
     resumed = subprocess.run(torchrun_command(2, "train_CIFAR10.py", *flags,
@@ -281,10 +306,12 @@ def test_torchrun_run_and_its_resume_write_once_and_test_the_whole_split(cifar_m
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert only_run_dir(exp) == run
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "checkpoint.pt", "genotype.json",
-                                                     "log.txt", "trained.pt"]
+                                                     "log.txt", "metrics.csv", "trained.pt"]
     log = (run / "log.txt").read_text()
     assert log.count("epoch 1/2 lr") == 1 and log.count("epoch 2/2 lr") == 1
     assert log.count("final test") == 1 and "2 process(es)" in log
+    # 60 images: 30 per process, in batches of 8.
+    assert _steps_per_epoch(log.split("resuming")[1]) == [3]
     final = reported_accuracy(resumed.stdout)
     assert final[0][3] == 15  # every test image counted exactly once over both processes
     tested = run_ok("test_CIFAR10.py", "--data", str(folder), "--auxiliary",

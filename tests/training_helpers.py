@@ -34,8 +34,10 @@ def torchrun_command(processes: int, script: str, *args: str) -> List[str]:
             "--nproc_per_node", str(processes), str(REPO / script), *args]
 
 
-def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(script, *args), cwd=REPO, env=script_env(),
+def run_script(script: str, *args: str, timeout: float = 300,
+               env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run ``script`` in the repository root with ``script_env()`` plus ``env``."""
+    return subprocess.run(command(script, *args), cwd=REPO, env={**script_env(), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
