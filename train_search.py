@@ -50,9 +50,10 @@ parser.add_argument("--location", default=AttLocation.AFTER_EVERY.value,
                     help="where attention is searched: " + ", ".join(loc.value for loc in AttLocation))
 parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
 parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
-                    help="keep only the inputs of each part of a cell (preprocessings, nodes, cell "
-                         "end) in the training forward passes and recompute the part during backward: "
-                         "same gradients, far less memory, one more forward per pass")
+                    help="keep only the inputs of each part of a cell (preprocessings, the edges "
+                         "leaving each state, cell end) in the training forward passes and "
+                         "recompute the part during backward: same gradients, far less memory, "
+                         "one more forward per pass")
 searching.add_collapse_flags(parser)
 add_precision_flags(parser, channels_last_default="auto")
 
