@@ -10,8 +10,9 @@ Everything runs through ``torch.func.functional_call`` on the one network: no
 copy of the model is built per step.  The architecture parameters are never in
 the weight optimizer, never moved by the virtual step, never perturbed.  BN
 running statistics are those of the weight step: these forwards normalise with
-batch statistics and leave the running ones alone.  Under torchrun every gradient is averaged over processes
-and the new A is broadcast from rank 0, so all ranks hold bit-identical A.
+batch statistics and leave the running ones alone.  Under torchrun every gradient
+is averaged over processes and the new A is broadcast from rank 0, so all ranks
+hold bit-identical A.
 The step runs in float32 whatever ``--amp`` says (see ``_loss``).
 """
 from typing import Dict, List, Tuple

@@ -96,11 +96,12 @@ def hessian_vector_product(network: Network, batches: Sequence[Batch],
     ``double_backward_mode``."""
     arch = network.named_arch_parameters()
     weights = {name: w.detach() for name, w in network.named_weights()}
+    # Training-mode BatchNorm would update the running statistics: not here.
+    norms = batch_norms(network)
     total = sum(targets.numel() for _, targets in batches)
     product = [torch.zeros_like(p) for p in arch.values()]
     for images, targets in batches:
-        # Training-mode BatchNorm would update the running statistics: not here.
-        with batch_statistics_only(batch_norms(network)):
+        with batch_statistics_only(norms):
             loss = network.loss(images, targets, {**weights, **arch})
         grads = torch.autograd.grad(loss, list(arch.values()), create_graph=True)
         dot = sum((g * v).sum() for g, v in zip(grads, vector))
