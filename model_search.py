@@ -21,7 +21,7 @@ from torch.func import functional_call
 from attentions import ATTENTIONS, build_attention
 from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
 from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, halve
-from recompute import RecomputedPart, batch_norms
+from recompute import BATCH_NORMS, RecomputedPart
 
 
 class AttLocation(enum.Enum):
@@ -202,14 +202,23 @@ class SearchCell(nn.Module):
             for j, edges in enumerate(self._edges_leaving)]
         if self._bottleneck is not None:
             self._part_modules.append(["_bottleneck"])
-        self._part_norms = {tuple(modules): [norm for name in modules
-                                             for norm in batch_norms(self.get_submodule(name))]
+        # By name, looked up in the cell that runs: a DataParallel replica runs its own
+        # copies of these modules and holds its parameters as plain attributes, which
+        # named_parameters() does not list.
+        self._part_params = {tuple(modules): [name for module in modules for name, _ in
+                                              self.get_submodule(module).named_parameters(prefix=module)]
+                             for modules in self._part_modules}
+        self._part_norms = {tuple(modules): [name for module in modules for name, m in
+                                             self.get_submodule(module).named_modules(prefix=module)
+                                             if isinstance(m, BATCH_NORMS)]
                             for modules in self._part_modules}
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, first: torch.Tensor,
                 second: Optional[torch.Tensor], cell_end: Optional[torch.Tensor],
                 recompute: bool = False) -> torch.Tensor:
-        run = self._run_recomputed if recompute else self._run
+        run = self._run
+        if recompute:  # the cell's modules by name, looked up once per forward (see _part_params)
+            run = functools.partial(self._run_recomputed, dict(self.named_modules()))
         states = [s0, s1]
         nodes: List[Optional[torch.Tensor]] = [None] * self._steps
         for j in range(self._steps + 1):  # the last node leads nowhere
@@ -254,13 +263,15 @@ class SearchCell(nn.Module):
     def _run(self, part: Callable, modules: List[str], *inputs):
         return part(self, *inputs)
 
-    def _run_recomputed(self, part: Callable, modules: List[str], *inputs):
+    def _run_recomputed(self, members: Dict[str, nn.Module], part: Callable, modules: List[str],
+                        *inputs):
+        names = self._part_params[tuple(modules)]
         # The current tensors: under the architect's functional_call these are the
         # virtual or perturbed weights, not the module's own parameters.
-        params = {name: p for module in modules
-                  for name, p in self.get_submodule(module).named_parameters(prefix=module)}
-        return RecomputedPart.apply(part, self, self._part_norms[tuple(modules)], list(params),
-                                    len(inputs), *inputs, *params.values())
+        params = [getattr(members[owner], attr)
+                  for owner, _, attr in (name.rpartition(".") for name in names)]
+        norms = [members[name] for name in self._part_norms[tuple(modules)]]
+        return RecomputedPart.apply(part, self, norms, names, len(inputs), *inputs, *params)
 
 
 class Network(nn.Module):

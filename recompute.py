@@ -30,9 +30,12 @@ def batch_statistics_only(norms: Sequence[nn.Module]) -> Iterator[None]:
             norm.track_running_stats = tracked
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
 def batch_norms(module: nn.Module) -> List[nn.Module]:
     """Every BatchNorm inside ``module``."""
-    return [m for m in module.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    return [m for m in module.modules() if isinstance(m, BATCH_NORMS)]
 
 
 class PartModule(nn.Module):

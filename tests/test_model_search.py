@@ -1,5 +1,6 @@
 """The search supernet, and its recomputation of cells in backward."""
 import copy
+import importlib
 from collections import Counter
 
 import pytest
@@ -407,6 +408,39 @@ def test_recomputed_cells_give_the_same_gradients_and_statistics(location):
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, rtol=1e-9, atol=1e-12)
     # Backward re-ran every cell, yet the running statistics moved once, as in plain autograd.
+    for (name, a), b in zip(plain.named_buffers(), recomputed.buffers()):
+        assert torch.equal(a, b), name
+
+
+def _replica(network, monkeypatch):
+    """What DataParallel runs on its first GPU, built on the CPU: ``replicate`` with the
+    CUDA broadcast replaced by what it gives the source device (the parameters as
+    non-leaf views that route gradients back, the very buffer tensors).  A replica keeps
+    its parameters as plain attributes, not in ``_parameters``."""
+    # (the package re-exports the function under the module's name)
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")
+
+    def broadcast(tensors, devices, detach=False):
+        return [[t if detach else t.view_as(t) for t in tensors] for _ in devices]
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape", broadcast)
+    monkeypatch.setattr(replicate_module, "_get_device_index", lambda device, optional: 0)
+    return replicate_module.replicate(network, ["cpu"])[0]
+
+
+def test_recomputed_cells_of_a_dataparallel_replica(monkeypatch):
+    """Under DataParallel (several GPUs, no torchrun) the recomputed cells must find
+    the replica's own parameters and BatchNorms: every weight gets its gradient and the
+    running statistics move once, as without recomputation."""
+    plain, recomputed, images, targets = _pair("after_every")
+    expected = _all_grads(plain, images, targets)
+    replica = _replica(recomputed, monkeypatch)
+    assert not list(replica.parameters())  # what DataParallel's replicas look like
+    got = torch.autograd.grad(replica.loss(images, targets), list(recomputed.parameters()),
+                              allow_unused=True)
+    for (name, _), g, e in zip(recomputed.named_parameters(), got, expected):
+        assert g is not None, name
+        assert torch.allclose(g, e, rtol=1e-9, atol=1e-12), name
     for (name, a), b in zip(plain.named_buffers(), recomputed.buffers()):
         assert torch.equal(a, b), name
 
