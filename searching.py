@@ -301,6 +301,7 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
         seconds = time.time() - started
         genotype = network.genotype()
         arch = network.softmaxed_arch()
+        genotype_dict = genotype_to_dict(genotype)
         stats = epoch_diagnostics(network, genotype, previous)
         epochs.set_postfix_str(f"train {train_acc.percent():.2f}% valid {valid_acc.percent():.2f}%")
         log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.6e} train_loss {train_loss:.4f} "
@@ -315,7 +316,7 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
             log(line)
         record = {"epoch": epoch + 1, "lr": lr, "train_acc": train_acc.percent(),
                   "train_loss": train_loss, "valid_acc": valid_acc.percent(),
-                  "valid_loss": valid_loss, "genotype": genotype_to_dict(genotype), "arch": arch,
+                  "valid_loss": valid_loss, "genotype": genotype_dict, "arch": arch,
                   "candidates": candidate_names(network), "diagnostics": stats}
         row = {"lr": lr, "train_loss": train_loss, "train_acc": train_acc.percent(),
                "valid_loss": valid_loss, "valid_acc": valid_acc.percent(), "seconds": seconds,
@@ -333,7 +334,7 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
                                  "iterations": eigenvalue.iterations,
                                  "converged": eigenvalue.converged}
             row["hessian_eigenvalue"] = eigenvalue.value
-        summaries.append({"epoch": epoch + 1, "genotype": genotype_to_dict(genotype),
+        summaries.append({"epoch": epoch + 1, "genotype": genotype_dict,
                           "eigenvalue": eigenvalue.value if eigenvalue else None})
         stop = early_stop.check(summaries) if early_stop else None
         final = kept_genotype(summaries, stop.kept_epoch) if stop else genotype
