@@ -28,7 +28,6 @@ import parallel
 from atomic import atomic_write
 from errors import UserError
 from genotypes import Genotype, genotype_to_dict
-from model import upgrade_state_dict
 from parallel import Runtime
 from precision import Precision, memory_format
 
@@ -43,7 +42,7 @@ CHECKPOINT_KEYS = ("state_dict", "scaler", "epoch", "rng", "args", "genotype")
 # be the checkpoint's.  A training run compares its genotype itself, not --arch/--arch_path.
 RESUME_FREE_FLAGS = frozenset({"checkpoint_path", "data", "exp_path", "workers", "report_freq",
                                "amp", "amp_dtype", "channels_last", "recompute", "epochs",
-                               "arch", "arch_path"})
+                               "arch", "arch_path", "cuda_graphs", "device_loader"})
 
 
 # -- the run directory -------------------------------------------------------------------
@@ -64,6 +63,27 @@ class RunLog:
         # and long runs do not rewrite the whole log each time.
         with open(self.path, "a") as f:
             f.write(line + "\n")
+
+
+class RunClock:
+    """Throughput and the expected time to the end of the run, for each epoch's log line."""
+
+    def __init__(self, start_epoch: int, epochs: int):
+        self.epochs_left = epochs - start_epoch
+        self.seconds = 0.0
+        self.epochs_timed = 0
+
+    def epoch_done(self, images: int, step_seconds: float, epoch_seconds: float) -> str:
+        """``images`` (all processes) went through the steps in ``step_seconds`` of an
+        epoch that took ``epoch_seconds`` in all: the speed, and the time the remaining
+        epochs take at this run's mean epoch time."""
+        self.epochs_left -= 1
+        self.seconds += epoch_seconds
+        self.epochs_timed += 1
+        remaining = int(round(self.seconds / self.epochs_timed * self.epochs_left))
+        hours, rest = divmod(remaining, 3600)
+        return (f"{images / max(step_seconds, 1e-9):.0f} img/s, "
+                f"eta {hours}:{rest // 60:02d}:{rest % 60:02d}")
 
 
 def progress(iterable: Iterable, runtime: Runtime, **kwargs: Any) -> tqdm:
@@ -203,7 +223,8 @@ def weight_step(loss: torch.Tensor, optimizer: Optimizer, parameters: Iterable[n
     optimizer.zero_grad(set_to_none=True)
     precision.scaler.scale(loss).backward()
     precision.scaler.unscale_(optimizer)
-    nn.utils.clip_grad_norm_(parameters, grad_clip)
+    # foreach: one norm and one scaling kernel for all tensors, not two per tensor.
+    nn.utils.clip_grad_norm_(parameters, grad_clip, foreach=True)
     precision.scaler.step(optimizer)
     precision.scaler.update()
 
@@ -284,9 +305,11 @@ def check_state_dict_fits(network: nn.Module, state: Mapping[str, torch.Tensor],
 
 
 def load_state_dict_checked(network: nn.Module, state: Mapping[str, torch.Tensor], path: str) -> None:
-    """Load ``state`` into ``network``, keys of this project's earlier layouts renamed
-    first (``model.upgrade_state_dict``); a mismatch names the first key that differs."""
-    state = upgrade_state_dict(network, dict(state))
+    """Load ``state`` into ``network``; a mismatch names the first key that differs.  A
+    network that renamed its keys since earlier checkpoints were written owns the
+    renaming: its ``upgrade_state_dict(state)`` method, when it has one, runs first."""
+    upgrade = getattr(network, "upgrade_state_dict", None)
+    state = upgrade(dict(state)) if callable(upgrade) else dict(state)
     check_state_dict_fits(network, state, path)
     network.load_state_dict(state)
 

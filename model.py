@@ -2,7 +2,8 @@
 
 Module names (``_first_layers``, ``_second_layers``, ``auxiliary_head`` ...) and
 nesting follow the original release so its published checkpoints load unchanged;
-``upgrade_state_dict`` renames the keys of this project's earlier checkpoints.
+``upgrade_state_dict`` (also a method of both networks) renames the keys of this
+project's earlier checkpoints.
 """
 import re
 from typing import Dict, List, Optional, Tuple
@@ -149,6 +150,11 @@ class _Network(nn.Module):
     """Shared forward of the final networks: stems, cells, auxiliary head, classifier."""
 
     drop_path_prob: float = 0.0
+
+    def upgrade_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``state_dict`` with this project's earlier key layouts moved to this network's
+        (see ``upgrade_state_dict``): checkpoint loaders call it without knowing the class."""
+        return upgrade_state_dict(self, state_dict)
 
     def _build_cells(self, genotype: Genotype, layers: int, C_prev_prev: int, C_prev: int,
                      C_curr: int, reduction_prev: bool, size: int, auxiliary: bool,

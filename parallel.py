@@ -59,6 +59,16 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def data_parallel(runtime: Runtime) -> bool:
+    """One process driving every visible GPU (DataParallel), as the original did."""
+    return not runtime.distributed and runtime.device.type == "cuda" and torch.cuda.device_count() > 1
+
+
+def replicas(runtime: Runtime) -> int:
+    """How many devices one step of this process's model spans (processes or replicas)."""
+    return torch.cuda.device_count() if data_parallel(runtime) else runtime.world_size
+
+
 def wrap(model: nn.Module, runtime: Runtime, ignore: Sequence[str] = ()) -> nn.Module:
     """Wrap ``model`` (already on ``runtime.device``) for data parallelism.
 
@@ -75,7 +85,7 @@ def wrap(model: nn.Module, runtime: Runtime, ignore: Sequence[str] = ()) -> nn.M
                 model, names)
         device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if runtime.device.type == "cuda" and torch.cuda.device_count() > 1:
+    if data_parallel(runtime):
         return nn.DataParallel(model)
     return model
 

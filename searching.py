@@ -22,20 +22,24 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader, Dataset
 
 import curvature
 import data
 import parallel
 from architect import Architect
 from complexity import count_parameters
+from cuda_graphs import StepGraph, use_cuda_graphs
 from diagnostics import describe, epoch_diagnostics, scalars
 from early_stop import EarlyStop
 from errors import UserError
-from experiment import (GENOTYPE, Accuracy, RunLog, checkpoint_file, cosine_schedule,
+from experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint_file, cosine_schedule,
                         evaluate, load_checkpoint, progress, restore,
                         resumed_schedule, run_directory, run_epoch, save_checkpoint, set_seed,
                         to_device, weight_step)
@@ -70,24 +74,34 @@ def search_step(model: nn.Module, architect: Architect, optimizer: torch.optim.O
 def search_epoch(model: nn.Module, architect: Architect, optimizer: torch.optim.Optimizer,
                  train_loader: torch.utils.data.DataLoader, arch_batches: Iterator[Batch],
                  lr: float, precision: Precision, runtime: Runtime, args: argparse.Namespace,
-                 log: RunLog) -> Tuple[float, Accuracy]:
+                 log: RunLog, graph: Optional[StepGraph] = None) -> Tuple[float, Accuracy]:
     """One pass over the weight half, each batch paired with the next batch of the
     architecture half; returns the mean loss and accuracy of the weight steps.
+    ``graph``: the run's ``StepGraph`` (CUDA graphs), captured anew for this epoch's
+    learning rate; without it every iteration runs eagerly.
 
     With ``ATT_DARTS_TRACE_ARCH=1`` in the environment every process prints
     ``rank R epoch E step S architecture sha256 H`` after each iteration (epoch and
     step counted from 1; the weight step leaves the architecture alone, so H is that
-    of the architecture step): the ranks of a torchrun search must agree at every step."""
+    of the architecture step): the ranks of a torchrun search must agree at every step.
+    The trace reads the architecture back every step: a debugging aid, not for speed."""
     model.train()
     trace = os.environ.get(TRACE_ARCH) == "1"
     epoch = getattr(train_loader.sampler, "epoch", 0) + 1
     steps = 0
 
+    def iteration(images: torch.Tensor, targets: torch.Tensor, valid_images: torch.Tensor,
+                  valid_targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return search_step(model, architect, optimizer, precision, (images, targets),
+                           (valid_images, valid_targets), lr, args.grad_clip)
+
+    graph = graph if graph is not None else StepGraph(iteration, enabled=False)
+    graph.reset(iteration)
+
     def step(images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         nonlocal steps
         valid = to_device(*next(arch_batches), runtime, args.channels_last)
-        result = search_step(model, architect, optimizer, precision, (images, targets), valid, lr,
-                             args.grad_clip)
+        result = graph(images, targets, *valid)
         steps += 1
         if trace:
             # One write of the whole line, after any pending output: under torchrun the
@@ -104,8 +118,10 @@ def search_epoch(model: nn.Module, architect: Architect, optimizer: torch.optim.
 
 
 def evaluate_supernet(model: nn.Module, loader: torch.utils.data.DataLoader, precision: Precision,
-                      runtime: Runtime, channels_last: bool) -> Tuple[float, Accuracy]:
-    """Loss and accuracy of the supernet on the architecture half."""
+                      runtime: Runtime, channels_last: bool,
+                      graph: Optional[StepGraph] = None) -> Tuple[float, Accuracy]:
+    """Loss and accuracy of the supernet on the architecture half (``graph``: the run's
+    evaluation ``StepGraph``, captured anew: the network changed since the last one)."""
     network = parallel.unwrap(model)
 
     def forward(images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +129,9 @@ def evaluate_supernet(model: nn.Module, loader: torch.utils.data.DataLoader, pre
             logits = model(images)
         return network.logits_loss(logits, targets), logits
 
-    return evaluate(model, loader, forward, runtime, channels_last, "valid")
+    graph = graph if graph is not None else StepGraph(forward, enabled=False)
+    graph.reset(forward)
+    return evaluate(model, loader, graph, runtime, channels_last, "valid")
 
 
 def candidate_names(network: Network) -> Dict[str, List[str]]:
@@ -174,6 +192,18 @@ def early_stop_rule(args: argparse.Namespace) -> Optional[EarlyStop]:
     return rule
 
 
+def resolve_recompute(requested: "bool | str", device: torch.device) -> Tuple[bool, str]:
+    """``--recompute`` resolved: (on or off, why), for the run's log.  ``auto`` is on for
+    the CPU, where memory is scarce and a pass is compute-bound, off on GPUs, where
+    the extra forward doubles a launch-bound step for memory the card has to spare."""
+    if requested != "auto":
+        return bool(requested), "as requested"
+    if device.type == "cpu":
+        return True, "auto: on for the CPU, a third of the memory for one more forward per pass"
+    return False, ("auto: off on a GPU, where it costs about 2x the time; turn it on with "
+                   "--recompute on a small card or for a wide supernet")
+
+
 def search(args: argparse.Namespace) -> None:
     """train_search.py's whole run on every process of this launch."""
     try:
@@ -186,7 +216,11 @@ def search(args: argparse.Namespace) -> None:
     runtime = parallel.setup()
     try:
         args.channels_last = resolve_channels_last(args.channels_last, runtime.device)
-        run_search(args, location, runtime, early_stop)
+        args.recompute, recompute_reason = resolve_recompute(args.recompute, runtime.device)
+        args.cuda_graphs, graphs_reason = use_cuda_graphs(args.cuda_graphs, runtime.device,
+                                                          parallel.replicas(runtime))
+        reasons = {"recompute": recompute_reason, "cuda_graphs": graphs_reason}
+        run_search(args, location, runtime, early_stop, reasons)
     finally:
         parallel.teardown()
 
@@ -196,22 +230,56 @@ def kept_genotype(summaries: List[Dict[str, Any]], epoch: int) -> Genotype:
     return genotype_from_dict(next(s["genotype"] for s in summaries if s["epoch"] == epoch))
 
 
-def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
-               early_stop: Optional[EarlyStop]) -> None:
-    """This process's part of the search: data, supernet, resume, then the epochs."""
-    path = checkpoint_file(args.checkpoint_path) if args.checkpoint_path else None
-    state = load_checkpoint(path, args, "search", ("weight_optimizer", "arch_optimizer",
-                                                   "arch_batches")) if path else None
+# -- a search run, part by part -------------------------------------------------------------
 
-    # Same seed on every process: identical initial weights and architecture.
-    set_seed(args.seed)
-    if runtime.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+@dataclass
+class SearchData:
+    """The two halves of the training split and their loaders."""
+    weight_half: Dataset
+    arch_half: Dataset
+    num_classes: int
+    train_loader: DataLoader
+    arch_batches: data.CyclingLoader
+    valid_loader: DataLoader
+    hessian_images: int
+
+
+@dataclass
+class Supernet:
+    """The supernet and what trains it: weight optimizer, architect, precision, the
+    CUDA graphs of the iteration and the evaluation, the eigenvalue's fixed batches."""
+    network: Network
+    model: nn.Module
+    optimizer: torch.optim.SGD
+    architect: Architect
+    precision: Precision
+    graph: StepGraph
+    eval_graph: StepGraph
+    hessian_batches: List[Batch]
+
+    @property
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        return {"weight_optimizer": self.optimizer, "arch_optimizer": self.architect.optimizer}
+
+
+@dataclass
+class SearchState:
+    """Where the search stands: the next epoch, each epoch's genotype and eigenvalue
+    (what --early_stop decides on), an early stop already taken, the last genotype."""
+    start_epoch: int
+    summaries: List[Dict[str, Any]]
+    stopped: Optional[Dict[str, Any]]
+    previous: Genotype
+    final: Genotype
+
+
+def load_search_data(args: argparse.Namespace, runtime: Runtime) -> SearchData:
+    """The split into the weight and architecture halves, with this process's loaders."""
     dataset = data.cifar_split(args.data, args.dataset, train=True,
                                cutout_length=args.cutout_length if args.cutout else 0)
     weight_half, arch_half = data.split_for_search(dataset, args.train_portion)
-    num_classes = data.num_classes_of(dataset)
-    # drop_last: a final batch of one image would break the BatchNorm1d inside BAM.
+    # drop_last: a final batch of one image would break the BatchNorm1d inside BAM, and
+    # a CUDA graph replays one batch shape.
     train_loader = data.make_loader(weight_half, args.batchsz, runtime, shuffle=True,
                                     workers=args.workers, seed=args.seed, drop_last=True)
     arch_batches = data.CyclingLoader(data.make_loader(
@@ -227,136 +295,220 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
         raise UserError(f"--hessian_images {args.hessian_images} ({len(arch_half)} images in the "
                         f"architecture half) leaves a process fewer than 2 images, which "
                         f"BatchNorm needs")
-    # Created only once the data is there: a failed start leaves no empty directory.
-    run_dir = run_directory(path, args.exp_path, runtime)
-    log = RunLog(run_dir)
+    return SearchData(weight_half, arch_half, data.num_classes_of(dataset), train_loader,
+                      arch_batches, valid_loader, hessian_images)
 
+
+def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
+                   halves: SearchData) -> Supernet:
+    """The supernet on this process's device, wrapped for data parallelism, and its
+    optimizers.  Optimizers use their multi-tensor (foreach) kernels: a handful of
+    launches per step instead of several per parameter tensor."""
     precision = Precision(args.amp, args.amp_dtype, runtime.device)
-    network = Network(args.init_ch, num_classes, args.layers, nn.CrossEntropyLoss(), location,
-                      recompute=args.recompute)
+    network = Network(args.init_ch, halves.num_classes, args.layers, nn.CrossEntropyLoss(),
+                      location, recompute=args.recompute)
     network.to(runtime.device, memory_format=memory_format(args.channels_last))
     model = parallel.wrap(network, runtime, ignore=list(network.named_arch_parameters()))
     optimizer = torch.optim.SGD(network.weights(), args.lr, momentum=args.momentum,
-                                weight_decay=args.wd)
-    architect = Architect(model, optimizer, args.arch_lr, args.arch_wd, args.unrolled)
-    optimizers = {"weight_optimizer": optimizer, "arch_optimizer": architect.optimizer}
+                                weight_decay=args.wd, foreach=True)
+    architect = Architect(model, optimizer, args.arch_lr, args.arch_wd, args.unrolled,
+                          capturable=args.cuda_graphs)
     # The same images every time the eigenvalue is measured, after a resume too.
-    hessian_batches = (curvature.fixed_subset(arch_half, hessian_images, args.batchsz, runtime,
-                                              args.channels_last) if args.hessian_every else [])
+    hessian_batches = (curvature.fixed_subset(halves.arch_half, halves.hessian_images,
+                                              args.batchsz, runtime, args.channels_last)
+                       if args.hessian_every else [])
+    graph = StepGraph(None, enabled=args.cuda_graphs)
+    eval_graph = StepGraph(None, enabled=args.cuda_graphs, warmup=1)
+    return Supernet(network, model, optimizer, architect, precision, graph, eval_graph,
+                    hessian_batches)
 
-    start_epoch = 0
-    # Per epoch: genotype and eigenvalue, what --early_stop decides on (kept in the checkpoint).
-    summaries: List[Dict[str, Any]] = []
-    stopped: Optional[Dict[str, Any]] = None
+
+def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: Supernet,
+                    halves: SearchData, args: argparse.Namespace, runtime: Runtime,
+                    location: AttLocation, reasons: Dict[str, str], log: RunLog,
+                    run_dir: Optional[str]) -> SearchState:
+    """A resumed search's state from its checkpoint, or a new search's, logged."""
+    network = net.network
     if state is not None:
-        arch_batches.load_state_dict(state["arch_batches"])
-        restore(state, path, network, optimizers, precision, runtime, args.seed)
-        start_epoch = state["epoch"]
+        halves.arch_batches.load_state_dict(state["arch_batches"])
+        restore(state, path, network, net.optimizers, net.precision, runtime, args.seed)
+        log(f"resuming {run_dir} after epoch {state['epoch']}/{args.epochs}")
         summaries = list(state.get("epoch_summaries", []))
         stopped = state.get("early_stop")
-        previous = genotype_from_dict(state["genotype"])
-        log(f"resuming {run_dir} after epoch {start_epoch}/{args.epochs}")
-    else:
-        log(f"run directory {run_dir}")
-        log(f"args {vars(args)}")
-        log(f"supernet: location {location}, {count_parameters(network) / 1e6:.6f} M "
-            f"parameters (architecture included); {len(weight_half)} images train the weights, "
-            f"{len(arch_half)} the architecture, {num_classes} classes; {runtime.world_size} "
-            f"process(es) on {runtime.device}, {precision!r}, "
-            f"{'channels-last' if args.channels_last else 'contiguous'} layout, cells "
-            f"{'recomputed in backward' if args.recompute else 'kept for backward'}, "
-            f"{'second' if args.unrolled else 'first'} order")
-        if args.hessian_every:
-            log(f"hessian: dominant eigenvalue of the validation loss's Hessian in architecture "
-                f"space every {args.hessian_every} epoch(s), on a fixed subset of {hessian_images} "
-                f"images of the architecture half (power iteration: at most "
-                f"{args.hessian_iterations} Hessian-vector products, relative tolerance "
-                f"{curvature.TOLERANCE:g})")
-        # The first epoch's genotype is compared with the initial architecture's.
-        previous = network.genotype()
-    metrics = Metrics(run_dir, resumed_after=start_epoch)
+        final = kept_genotype(summaries, stopped["kept_epoch"]) if stopped else network.genotype()
+        return SearchState(state["epoch"], summaries, stopped,
+                           genotype_from_dict(state["genotype"]), final)
+    log(f"run directory {run_dir}")
+    log(f"args {vars(args)}")
+    log(f"supernet: location {location}, {count_parameters(network) / 1e6:.6f} M "
+        f"parameters (architecture included); {len(halves.weight_half)} images train the "
+        f"weights, {len(halves.arch_half)} the architecture, {halves.num_classes} classes; "
+        f"{runtime.world_size} process(es) on {runtime.device}, {net.precision!r}, "
+        f"{'channels-last' if args.channels_last else 'contiguous'} layout, cells "
+        f"{'recomputed in backward' if args.recompute else 'kept for backward'}, "
+        f"{'second' if args.unrolled else 'first'} order")
+    log(f"recompute {'on' if args.recompute else 'off'} ({reasons['recompute']}); CUDA graphs "
+        f"{'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']})")
+    if args.hessian_every:
+        log(f"hessian: dominant eigenvalue of the validation loss's Hessian in architecture "
+            f"space every {args.hessian_every} epoch(s), on a fixed subset of "
+            f"{halves.hessian_images} images of the architecture half (power iteration: at "
+            f"most {args.hessian_iterations} Hessian-vector products, relative tolerance "
+            f"{curvature.TOLERANCE:g})")
+    # The first epoch's genotype is compared with the initial architecture's.
+    genotype = network.genotype()
+    return SearchState(0, [], None, genotype, genotype)
+
+
+def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
+               early_stop: Optional[EarlyStop], reasons: Dict[str, str]) -> None:
+    """This process's part of the search: data, supernet, resume, then the epochs."""
+    path = checkpoint_file(args.checkpoint_path) if args.checkpoint_path else None
+    state = load_checkpoint(path, args, "search", ("weight_optimizer", "arch_optimizer",
+                                                   "arch_batches")) if path else None
+    # Same seed on every process: identical initial weights and architecture.
+    set_seed(args.seed)
+    if runtime.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    halves = load_search_data(args, runtime)
+    # Created only once the data is there: a failed start leaves no empty directory.
+    run_dir = run_directory(path, args.exp_path, runtime)
+    log = RunLog(run_dir)
+    net = build_supernet(args, location, runtime, halves)
+    progress_state = start_or_resume(state, path, net, halves, args, runtime, location, reasons,
+                                     log, run_dir)
+    metrics = Metrics(run_dir, resumed_after=progress_state.start_epoch)
     if state is None:
         log(metrics.describe())
-    scheduler = resumed_schedule(cosine_schedule(args.epochs, args.lr_min), optimizer, start_epoch)
-    final = network.genotype()
-    if stopped is not None:
-        final = kept_genotype(summaries, stopped["kept_epoch"])
-        log(f"this search stopped early after epoch {stopped['epoch']}: {stopped['reason']}; "
-            f"nothing to resume")
-
-    last_epoch = start_epoch if stopped is not None else args.epochs
-    epochs = progress(range(start_epoch, last_epoch), runtime, desc="epochs",
-                      initial=start_epoch, total=args.epochs)
+    scheduler = resumed_schedule(cosine_schedule(args.epochs, args.lr_min), net.optimizer,
+                                 progress_state.start_epoch)
+    if progress_state.stopped is not None:
+        log(f"this search stopped early after epoch {progress_state.stopped['epoch']}: "
+            f"{progress_state.stopped['reason']}; nothing to resume")
+    last_epoch = args.epochs if progress_state.stopped is None else progress_state.start_epoch
+    epochs = progress(range(progress_state.start_epoch, last_epoch), runtime, desc="epochs",
+                      initial=progress_state.start_epoch, total=args.epochs)
+    clock = RunClock(progress_state.start_epoch, args.epochs)
     for epoch in epochs:
-        started = time.time()
-        lr = scheduler.get_last_lr()[0]
-        train_loader.sampler.set_epoch(epoch)
-        train_loss, train_acc = search_epoch(model, architect, optimizer, train_loader,
-                                             arch_batches, lr, precision, runtime, args, log)
-        scheduler.step()
-        # DDP's forward synchronises; each process evaluates its share with the bare network.
-        valid_loss, valid_acc = evaluate_supernet(network if runtime.distributed else model,
-                                                  valid_loader, precision, runtime,
-                                                  args.channels_last)
-        seconds = time.time() - started
-        genotype = network.genotype()
-        arch = network.softmaxed_arch()
-        genotype_dict = genotype_to_dict(genotype)
-        stats = epoch_diagnostics(network, genotype, previous)
-        epochs.set_postfix_str(f"train {train_acc.percent():.2f}% valid {valid_acc.percent():.2f}%")
-        log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.6e} train_loss {train_loss:.4f} "
-            f"train_acc {train_acc.percent():.4f}% valid_loss {valid_loss:.4f} "
-            f"valid_acc {valid_acc.percent():.4f}% time {seconds:.1f}s")
-        log(f"genotype {genotype}")
-        for name, weights in arch.items():
-            rounded = [[round(w, 4) for w in row] if isinstance(row, list) else round(row, 4)
-                       for row in weights]
-            log(f"{name} (softmax) {json.dumps(rounded)}")
-        for line in describe(stats, f"epoch {epoch}" if epoch else "the initial architecture"):
-            log(line)
-        record = {"epoch": epoch + 1, "lr": lr, "train_acc": train_acc.percent(),
-                  "train_loss": train_loss, "valid_acc": valid_acc.percent(),
-                  "valid_loss": valid_loss, "genotype": genotype_dict, "arch": arch,
-                  "candidates": candidate_names(network), "diagnostics": stats}
-        row = {"lr": lr, "train_loss": train_loss, "train_acc": train_acc.percent(),
-               "valid_loss": valid_loss, "valid_acc": valid_acc.percent(), "seconds": seconds,
-               **scalars(stats)}
-        eigenvalue = None
-        if args.hessian_every and (epoch + 1) % args.hessian_every == 0:
-            measured = time.time()
-            eigenvalue = curvature.dominant_eigenvalue(network, hessian_batches,
-                                                       args.hessian_iterations)
-            log(f"hessian: dominant eigenvalue {eigenvalue.value:.6e} ({hessian_images} images, "
-                f"{eigenvalue.iterations} power iterations, "
-                f"{'converged' if eigenvalue.converged else 'not converged'}: last relative "
-                f"change {eigenvalue.change:.1e}) time {time.time() - measured:.1f}s")
-            record["hessian"] = {"eigenvalue": eigenvalue.value, "images": hessian_images,
-                                 "iterations": eigenvalue.iterations,
-                                 "converged": eigenvalue.converged}
-            row["hessian_eigenvalue"] = eigenvalue.value
-        summaries.append({"epoch": epoch + 1, "genotype": genotype_dict,
-                          "eigenvalue": eigenvalue.value if eigenvalue else None})
-        stop = early_stop.check(summaries) if early_stop else None
-        final = kept_genotype(summaries, stop.kept_epoch) if stop else genotype
-        if stop:
-            record["early_stop"] = stop.to_dict()
-        if runtime.is_main:
-            save_genotype(final, os.path.join(run_dir, GENOTYPE))
-            record_epoch(run_dir, epoch + 1, record)
-        metrics.write(epoch + 1, row, {f"arch/{name}": heatmap_image(weights)
-                                       for name, weights in arch.items()} if metrics.writer else None)
-        save_checkpoint(run_dir, runtime, network, optimizers, scheduler, precision, epoch + 1,
-                        args, genotype, arch_batches=arch_batches.state_dict(),
-                        epoch_summaries=summaries, early_stop=stop.to_dict() if stop else None)
-        previous = genotype
-        if stop:
-            log(f"early stop after epoch {epoch + 1}: {stop.reason}")
+        result = train_and_validate(net, halves, scheduler, epoch, runtime, args, log)
+        epochs.set_postfix_str(f"train {result['train_acc'].percent():.2f}% "
+                               f"valid {result['valid_acc'].percent():.2f}%")
+        speed = clock.epoch_done(len(halves.train_loader) * args.batchsz * runtime.world_size,
+                                 result["step_seconds"], result["seconds"])
+        if end_of_epoch(net, halves, progress_state, result, speed, early_stop, args, runtime,
+                        metrics, scheduler, log, run_dir):
             break
     epochs.close()
     metrics.close()
+    finish(net.network, progress_state, args, runtime, log, run_dir)
+
+
+def train_and_validate(net: Supernet, halves: SearchData, scheduler: LRScheduler, epoch: int,
+                       runtime: Runtime, args: argparse.Namespace, log: RunLog) -> Dict[str, Any]:
+    """One epoch of search iterations, then the supernet on the architecture half."""
+    started = time.time()
+    lr = scheduler.get_last_lr()[0]
+    halves.train_loader.sampler.set_epoch(epoch)
+    train_loss, train_acc = search_epoch(net.model, net.architect, net.optimizer,
+                                         halves.train_loader, halves.arch_batches, lr,
+                                         net.precision, runtime, args, log, net.graph)
+    step_seconds = time.time() - started
+    scheduler.step()
+    # DDP's forward synchronises; each process evaluates its share with the bare network.
+    valid_loss, valid_acc = evaluate_supernet(net.network if runtime.distributed else net.model,
+                                              halves.valid_loader, net.precision, runtime,
+                                              args.channels_last, net.eval_graph)
+    return {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+            "valid_loss": valid_loss, "valid_acc": valid_acc, "step_seconds": step_seconds,
+            "seconds": time.time() - started}
+
+
+def log_epoch(log: RunLog, result: Dict[str, Any], speed: str, genotype: Genotype,
+              arch: Dict[str, List], stats: Dict[str, Any], args: argparse.Namespace) -> None:
+    """An epoch's lines in log.txt: metrics and speed, genotype, softmaxed architecture,
+    diagnostics."""
+    epoch = result["epoch"]
+    log(f"epoch {epoch + 1}/{args.epochs} lr {result['lr']:.6e} "
+        f"train_loss {result['train_loss']:.4f} train_acc {result['train_acc'].percent():.4f}% "
+        f"valid_loss {result['valid_loss']:.4f} valid_acc {result['valid_acc'].percent():.4f}% "
+        f"time {result['seconds']:.1f}s {speed}")
+    log(f"genotype {genotype}")
+    for name, weights in arch.items():
+        rounded = [[round(w, 4) for w in row] if isinstance(row, list) else round(row, 4)
+                   for row in weights]
+        log(f"{name} (softmax) {json.dumps(rounded)}")
+    for line in describe(stats, f"epoch {epoch}" if epoch else "the initial architecture"):
+        log(line)
+
+
+def measure_curvature(net: Supernet, halves: SearchData, args: argparse.Namespace,
+                      log: RunLog) -> curvature.Eigenvalue:
+    """The dominant Hessian eigenvalue in architecture space, logged."""
+    started = time.time()
+    eigenvalue = curvature.dominant_eigenvalue(net.network, net.hessian_batches,
+                                               args.hessian_iterations)
+    log(f"hessian: dominant eigenvalue {eigenvalue.value:.6e} ({halves.hessian_images} images, "
+        f"{eigenvalue.iterations} power iterations, "
+        f"{'converged' if eigenvalue.converged else 'not converged'}: last relative "
+        f"change {eigenvalue.change:.1e}) time {time.time() - started:.1f}s")
+    return eigenvalue
+
+
+def end_of_epoch(net: Supernet, halves: SearchData, search_state: SearchState,
+                 result: Dict[str, Any], speed: str, early_stop: Optional[EarlyStop],
+                 args: argparse.Namespace, runtime: Runtime, metrics: Metrics,
+                 scheduler: LRScheduler, log: RunLog, run_dir: Optional[str]) -> bool:
+    """What follows an epoch: log, diagnostics, eigenvalue, early stop, genotype file,
+    history, metrics, checkpoint.  Returns whether the search stops here."""
+    network, epoch = net.network, result["epoch"]
+    genotype = network.genotype()
+    arch = network.softmaxed_arch()
+    genotype_dict = genotype_to_dict(genotype)
+    stats = epoch_diagnostics(network, genotype, search_state.previous)
+    log_epoch(log, result, speed, genotype, arch, stats, args)
+    accuracies = {"train_acc": result["train_acc"].percent(),
+                  "valid_acc": result["valid_acc"].percent()}
+    figures = {"lr": result["lr"], "train_loss": result["train_loss"],
+               "valid_loss": result["valid_loss"], **accuracies}
+    record = {"epoch": epoch + 1, **figures, "genotype": genotype_dict, "arch": arch,
+              "candidates": candidate_names(network), "diagnostics": stats}
+    row = {**figures, "seconds": result["seconds"], **scalars(stats)}
+    eigenvalue = None
+    if args.hessian_every and (epoch + 1) % args.hessian_every == 0:
+        eigenvalue = measure_curvature(net, halves, args, log)
+        record["hessian"] = {"eigenvalue": eigenvalue.value, "images": halves.hessian_images,
+                             "iterations": eigenvalue.iterations,
+                             "converged": eigenvalue.converged}
+        row["hessian_eigenvalue"] = eigenvalue.value
+    summaries = search_state.summaries
+    summaries.append({"epoch": epoch + 1, "genotype": genotype_dict,
+                      "eigenvalue": eigenvalue.value if eigenvalue else None})
+    stop = early_stop.check(summaries) if early_stop else None
+    search_state.final = kept_genotype(summaries, stop.kept_epoch) if stop else genotype
+    if stop:
+        record["early_stop"] = stop.to_dict()
+    if runtime.is_main:
+        save_genotype(search_state.final, os.path.join(run_dir, GENOTYPE))
+        record_epoch(run_dir, epoch + 1, record)
+    metrics.write(epoch + 1, row, {f"arch/{name}": heatmap_image(weights)
+                                   for name, weights in arch.items()} if metrics.writer else None)
+    save_checkpoint(run_dir, runtime, network, net.optimizers, scheduler, net.precision,
+                    epoch + 1, args, genotype, arch_batches=halves.arch_batches.state_dict(),
+                    epoch_summaries=summaries, early_stop=stop.to_dict() if stop else None)
+    search_state.previous = genotype
+    if stop:
+        log(f"early stop after epoch {epoch + 1}: {stop.reason}")
+    return stop is not None
+
+
+def finish(network: Network, search_state: SearchState, args: argparse.Namespace,
+           runtime: Runtime, log: RunLog, run_dir: Optional[str]) -> None:
+    """The last lines: under torchrun each process's architecture hash (and eigenvalues),
+    for checking that the ranks agree; the genotype kept."""
     if runtime.distributed:
         print(f"rank {runtime.rank}: architecture sha256 {arch_digest(network)}", flush=True)
         if args.hessian_every:
-            print(f"rank {runtime.rank}: hessian eigenvalues "
-                  f"{[s['eigenvalue'] for s in summaries if s['eigenvalue'] is not None]}", flush=True)
-    log(f"final genotype {final} written to {os.path.join(str(run_dir), GENOTYPE)}")
+            eigenvalues = [s["eigenvalue"] for s in search_state.summaries
+                           if s["eigenvalue"] is not None]
+            print(f"rank {runtime.rank}: hessian eigenvalues {eigenvalues}", flush=True)
+    log(f"final genotype {search_state.final} written to {os.path.join(str(run_dir), GENOTYPE)}")

@@ -12,6 +12,7 @@ checkpoint.pt (resume with --checkpoint_path).
 import argparse
 
 import searching
+from cuda_graphs import add_cuda_graph_flag
 from errors import run_cli
 from model_search import AttLocation
 from precision import add_precision_flags
@@ -49,11 +50,13 @@ parser.add_argument("--arch_wd", type=float, default=1e-3, help="Adam weight dec
 parser.add_argument("--location", default=AttLocation.AFTER_EVERY.value,
                     help="where attention is searched: " + ", ".join(loc.value for loc in AttLocation))
 parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default="auto",
                     help="keep only the inputs of each part of a cell (preprocessings, the edges "
                          "leaving each state, cell end) in the training forward passes and "
-                         "recompute the part during backward: same gradients, far less memory, "
-                         "one more forward per pass")
+                         "recompute the part during backward: same gradients, a third of the "
+                         "memory, one more forward per pass ('auto': on for the CPU, off on GPUs; "
+                         "turn it on for a small card or a wide supernet)")
+add_cuda_graph_flag(parser)
 searching.add_collapse_flags(parser)
 add_precision_flags(parser, channels_last_default="auto")
 

@@ -20,7 +20,8 @@ deterministic: a test script on ``trained.pt`` reproduces the accuracy of the ru
 import argparse
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 import data
 import parallel
 from complexity import count_macs, count_parameters
+from cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
 from errors import UserError
-from experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunLog, atomic_save, checkpoint_file,
+from experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog, atomic_save, checkpoint_file,
                         evaluate, load_checkpoint, load_weights,
                         progress, restore, resumed_schedule, run_directory, run_epoch,
                         save_checkpoint, set_seed, weight_step)
@@ -77,6 +79,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any
     parser.add_argument("--workers", type=int, default=defaults["workers"],
                         help="data loader worker processes (default: %(default)s)")
     add_precision_flags(parser)
+    add_cuda_graph_flag(parser)
 
 
 def add_train_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
@@ -101,6 +104,11 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
         parser.add_argument("--cutout", action="store_true", help="cutout augmentation")
         parser.add_argument("--cutout_length", type=int, default=16,
                             help="side of the cutout square (default: %(default)s)")
+        parser.add_argument("--device_loader", action=argparse.BooleanOptionalAction,
+                            default="auto",
+                            help="keep the training split on the device as uint8 and crop, flip "
+                                 "and cut out batches there, instead of DataLoader workers "
+                                 "('auto': on for a GPU; default: %(default)s)")
     parser.add_argument("--drop_path_prob", type=float, default=defaults["drop_path_prob"],
                         help="drop-path probability, ramped linearly from 0 over the epochs "
                              "(default: %(default)s)")
@@ -166,54 +174,96 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 
 def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
                 optimizer: torch.optim.Optimizer, precision: Precision, runtime: Runtime,
-                args: argparse.Namespace, log: RunLog) -> Tuple[float, Accuracy]:
+                args: argparse.Namespace, log: RunLog,
+                graph: Optional[StepGraph] = None) -> Tuple[float, Accuracy]:
     """One pass over this process's shard; returns the mean loss and the accuracy
-    over all processes."""
+    over all processes.  ``graph``: the run's ``StepGraph`` (CUDA graphs), captured anew
+    for this epoch's learning rate and drop-path probability."""
     model.train()
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return train_step(model, images, targets, criterion, optimizer, precision,
                           args.auxiliary_weight, args.grad_clip)
 
-    return run_epoch(loader, step, runtime, args.channels_last, "train",
+    graph = graph if graph is not None else StepGraph(step, enabled=False)
+    graph.reset(step)
+    return run_epoch(loader, graph, runtime, args.channels_last, "train",
                      report_freq=args.report_freq, log=log)
 
 
 def test_accuracy(model: nn.Module, loader: DataLoader, runtime: Runtime, precision: Precision,
-                  channels_last: bool, topk: Sequence[int] = (1,)) -> Accuracy:
-    """Top-k accuracy over the whole split (this process's share summed over processes)."""
+                  channels_last: bool, topk: Sequence[int] = (1,),
+                  graph: Optional[StepGraph] = None) -> Accuracy:
+    """Top-k accuracy over the whole split (this process's share summed over processes);
+    ``graph``: an evaluation ``StepGraph`` (the short last batch runs eagerly)."""
     def forward(images: torch.Tensor, targets: torch.Tensor) -> Tuple[None, torch.Tensor]:
         with precision.autocast():
             logits, _ = model(images)
         return None, logits
 
-    return evaluate(model, loader, forward, runtime, channels_last, "test", topk)[1]
+    graph = graph if graph is not None else StepGraph(forward, enabled=False)
+    graph.reset(forward)
+    return evaluate(model, loader, graph, runtime, channels_last, "test", topk)[1]
 
 
 # -- whole runs --------------------------------------------------------------------
 
-def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype: Genotype,
-        train_set: Dataset, test_set: Dataset, criterion: nn.Module,
-        make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler],
-        input_size: Tuple[int, int, int], topk: Sequence[int] = (1,)) -> Accuracy:
-    """Train the bare ``network`` for ``args.epochs`` (or the rest of them, with
-    ``--checkpoint_path``), testing after each epoch, with checkpoints and logs in the
-    run directory; returns the final test accuracy.  ``input_size``: (channels, height,
-    width) of an image, for the multiply-accumulates logged."""
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    train_loader = data.make_loader(train_set, args.batchsz, runtime, shuffle=True,
-                                    workers=args.workers, seed=args.seed,
-                                    # a last batch of one image would break BAM's BatchNorm1d
-                                    drop_last=True)
-    if len(train_loader) == 0:
+@dataclass
+class TrainingRun:
+    """A training run's parts: network (bare and wrapped), optimizer, loaders, CUDA
+    graphs, output directory, and where it stands (next epoch, best and last test)."""
+    network: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    train_loader: Iterable
+    test_loader: DataLoader
+    graph: StepGraph
+    eval_graph: StepGraph
+    run_dir: Optional[str]
+    log: RunLog
+    start_epoch: int = 0
+    best_acc: float = -1.0
+    last_test: Optional[Accuracy] = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """DDP's forward synchronises; each process evaluates its share with the bare network."""
+        distributed = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        return self.network if distributed else self.model
+
+
+def make_train_loader(args: argparse.Namespace, runtime: Runtime, train_set: Dataset,
+                      dataset: str) -> Iterable:
+    """This process's shuffled training batches, made on the device with
+    ``--device_loader``.  drop_last: a last batch of one image would break BAM's
+    BatchNorm1d, and a CUDA graph replays one batch shape."""
+    if args.device_loader:
+        images, labels, _ = data.cifar_train_pixels(args.data, dataset, workers=args.workers)
+        loader = data.DeviceCIFARLoader(images, labels, args.batchsz, runtime, dataset,
+                                        cutout_length=args.cutout_length if args.cutout else 0,
+                                        seed=args.seed, channels_last=args.channels_last)
+    else:
+        loader = data.make_loader(train_set, args.batchsz, runtime, shuffle=True,
+                                  workers=args.workers, seed=args.seed, drop_last=True)
+    if len(loader) == 0:
         raise UserError(f"the training split has {len(train_set)} images: fewer than one batch "
                         f"of --batchsz {args.batchsz} per process")
+    return loader
+
+
+def prepare_training(args: argparse.Namespace, runtime: Runtime, network: nn.Module,
+                     genotype: Genotype, train_set: Dataset, test_set: Dataset,
+                     dataset: str) -> TrainingRun:
+    """Loaders, the network on its device with its optimizer, the run directory, and
+    the checkpoint to resume (checked against the architecture)."""
+    train_loader = make_train_loader(args, runtime, train_set, dataset)
     test_loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
     precision = precision_of(args, runtime)
     network.to(runtime.device, memory_format=memory_format(args.channels_last))
+    # foreach: a handful of launches per step instead of several per parameter tensor.
     optimizer = torch.optim.SGD(network.parameters(), args.lr, momentum=args.momentum,
-                                weight_decay=args.wd)
+                                weight_decay=args.wd, foreach=True)
     path = checkpoint_file(args.checkpoint_path) if args.checkpoint_path else None
     state = None
     if path:
@@ -222,74 +272,125 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
             raise UserError(f"{path} was trained with another architecture; resume with the "
                             f"run's --arch/--arch_path")
     run_dir = run_directory(path, args.exp_path, runtime)
-    log = RunLog(run_dir)
-    model = parallel.wrap(network, runtime)
-    # DDP's forward synchronises; each process evaluates its share with the bare network.
-    eval_model = network if runtime.distributed else model
-
-    start_epoch, best_acc, last_test = 0, -1.0, None
+    run = TrainingRun(network, parallel.wrap(network, runtime), optimizer, precision, train_loader,
+                      test_loader, StepGraph(None, enabled=args.cuda_graphs),
+                      StepGraph(None, enabled=args.cuda_graphs, warmup=1), run_dir,
+                      RunLog(run_dir))
     if state is not None:
         restore(state, path, network, {"optimizer": optimizer}, precision, runtime, args.seed)
-        start_epoch, best_acc = state["epoch"], state["best_acc"]
-        last_test = Accuracy(**state["last_test"])
-        log(f"resuming {run_dir} after epoch {start_epoch}/{args.epochs}")
-    else:
-        log(f"run directory {run_dir}")
-        log(f"args {vars(args)}")
-        log(f"genotype {genotype}")
-        log(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded), "
-            f"{count_macs(network, input_size) / 1e6:.1f} M multiply-accumulates per "
-            f"{input_size[1]}x{input_size[2]} image")
-        log(f"{len(train_set)} training and {len(test_set)} test images, "
-            f"{data.num_classes_of(train_set)} classes; {runtime.world_size} process(es) on "
-            f"{runtime.device}, {precision!r}")
-        if runtime.is_main:
-            save_genotype(genotype, os.path.join(run_dir, GENOTYPE))
-    metrics = Metrics(run_dir, resumed_after=start_epoch)
-    if state is None:
-        log(metrics.describe())
-    scheduler = resumed_schedule(make_scheduler, optimizer, start_epoch)
+        run.start_epoch, run.best_acc = state["epoch"], state["best_acc"]
+        run.last_test = Accuracy(**state["last_test"])
+        run.log(f"resuming {run_dir} after epoch {run.start_epoch}/{args.epochs}")
+    return run
 
-    epochs = progress(range(start_epoch, args.epochs), runtime, desc="epochs",
-                      initial=start_epoch, total=args.epochs)
+
+def log_start(run: TrainingRun, args: argparse.Namespace, runtime: Runtime, genotype: Genotype,
+              train_set: Dataset, test_set: Dataset, input_size: Tuple[int, int, int],
+              reasons: Dict[str, str]) -> None:
+    """A new run's first lines, and its genotype.json."""
+    log, network = run.log, run.network
+    log(f"run directory {run.run_dir}")
+    log(f"args {vars(args)}")
+    log(f"genotype {genotype}")
+    log(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded), "
+        f"{count_macs(network, input_size) / 1e6:.1f} M multiply-accumulates per "
+        f"{input_size[1]}x{input_size[2]} image")
+    log(f"{len(train_set)} training and {len(test_set)} test images, "
+        f"{data.num_classes_of(train_set)} classes; {runtime.world_size} process(es) on "
+        f"{runtime.device}, {run.precision!r}")
+    log(f"CUDA graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']}); device "
+        f"loader {'on' if args.device_loader else 'off'} ({reasons['device_loader']})")
+    if runtime.is_main:
+        save_genotype(genotype, os.path.join(run.run_dir, GENOTYPE))
+
+
+def train_and_test(run: TrainingRun, criterion: nn.Module, scheduler: LRScheduler, epoch: int,
+                   runtime: Runtime, args: argparse.Namespace,
+                   topk: Sequence[int]) -> Dict[str, Any]:
+    """One training epoch at this epoch's drop-path probability, then the test split."""
+    started = time.time()
+    run.train_loader.sampler.set_epoch(epoch)
+    run.network.drop_path_prob = args.drop_path_prob * epoch / args.epochs
+    lr = scheduler.get_last_lr()[0]
+    train_loss, train_acc = train_epoch(run.model, run.train_loader, criterion, run.optimizer,
+                                        run.precision, runtime, args, run.log, run.graph)
+    step_seconds = time.time() - started
+    scheduler.step()
+    # Every process evaluates the weights rank 0 saves: its BN statistics too.
+    parallel.broadcast_(run.network.buffers())
+    run.last_test = test_accuracy(run.eval_model, run.test_loader, runtime, run.precision,
+                                  args.channels_last, topk, run.eval_graph)
+    return {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+            "step_seconds": step_seconds, "seconds": time.time() - started}
+
+
+def end_of_training_epoch(run: TrainingRun, result: Dict[str, Any], speed: str,
+                          scheduler: LRScheduler, metrics: Metrics, runtime: Runtime,
+                          args: argparse.Namespace, genotype: Genotype,
+                          topk: Sequence[int]) -> None:
+    """Log the epoch, write its metrics, the best weights so far and the checkpoint."""
+    last_test, epoch = run.last_test, result["epoch"]
+    is_best = last_test.percent(topk[0]) > run.best_acc
+    run.best_acc = max(run.best_acc, last_test.percent(topk[0]))
+    # Logged before the checkpoint is saved: a run killed in between repeats a line
+    # rather than losing one.
+    drop_path = run.network.drop_path_prob
+    run.log(f"epoch {epoch + 1}/{args.epochs} lr {result['lr']:.6e} drop_path {drop_path:.4f} "
+            f"train_loss {result['train_loss']:.4f} train_acc {result['train_acc'].percent():.4f}% "
+            f"test {last_test} best {run.best_acc:.4f}% time {result['seconds']:.1f}s {speed}")
+    metrics.write(epoch + 1, {
+        "lr": result["lr"], "drop_path": drop_path, "train_loss": result["train_loss"],
+        "train_acc": result["train_acc"].percent(),
+        **{f"test_top{k}_acc": last_test.percent(k) for k in topk},
+        "best_acc": run.best_acc, "seconds": result["seconds"]})
+    if runtime.is_main and is_best:
+        atomic_save(run.network.state_dict(), os.path.join(run.run_dir, "best.pt"))
+    save_checkpoint(run.run_dir, runtime, run.network, {"optimizer": run.optimizer}, scheduler,
+                    run.precision, epoch + 1, args, genotype, best_acc=run.best_acc,
+                    last_test=vars(last_test))
+
+
+def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype: Genotype,
+        train_set: Dataset, test_set: Dataset, criterion: nn.Module,
+        make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler],
+        input_size: Tuple[int, int, int], topk: Sequence[int] = (1,),
+        dataset: str = "cifar10") -> Accuracy:
+    """Train the bare ``network`` for ``args.epochs`` (or the rest of them, with
+    ``--checkpoint_path``), testing after each epoch, with checkpoints and logs in the
+    run directory; returns the final test accuracy.  ``input_size``: (channels, height,
+    width) of an image, for the multiply-accumulates logged; ``dataset``: which split
+    ``--device_loader`` reads."""
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    reasons = {}
+    args.cuda_graphs, reasons["cuda_graphs"] = use_cuda_graphs(args.cuda_graphs, runtime.device,
+                                                               parallel.replicas(runtime))
+    args.device_loader, reasons["device_loader"] = data.use_device_loader(
+        getattr(args, "device_loader", False), runtime.device, dataset)
+    run = prepare_training(args, runtime, network, genotype, train_set, test_set, dataset)
+    resumed = run.last_test is not None
+    if not resumed:
+        log_start(run, args, runtime, genotype, train_set, test_set, input_size, reasons)
+    metrics = Metrics(run.run_dir, resumed_after=run.start_epoch)
+    if not resumed:
+        run.log(metrics.describe())
+    scheduler = resumed_schedule(make_scheduler, run.optimizer, run.start_epoch)
+    clock = RunClock(run.start_epoch, args.epochs)
+    epochs = progress(range(run.start_epoch, args.epochs), runtime, desc="epochs",
+                      initial=run.start_epoch, total=args.epochs)
     for epoch in epochs:
-        started = time.time()
-        train_loader.sampler.set_epoch(epoch)
-        network.drop_path_prob = args.drop_path_prob * epoch / args.epochs
-        lr = scheduler.get_last_lr()[0]
-        train_loss, train_acc = train_epoch(model, train_loader, criterion, optimizer, precision,
-                                            runtime, args, log)
-        scheduler.step()
-        # Every process evaluates the weights rank 0 saves: its BN statistics too.
-        parallel.broadcast_(network.buffers())
-        last_test = test_accuracy(eval_model, test_loader, runtime, precision, args.channels_last,
-                                  topk)
-        is_best = last_test.percent(topk[0]) > best_acc
-        best_acc = max(best_acc, last_test.percent(topk[0]))
-        epochs.set_postfix_str(f"train {train_acc.percent():.2f}% "
-                               f"test {last_test.percent(topk[0]):.2f}%")
-        # Logged before the checkpoint is saved: a run killed in between repeats a line
-        # rather than losing one.
-        seconds = time.time() - started
-        log(f"epoch {epoch + 1}/{args.epochs} lr {lr:.6e} drop_path {network.drop_path_prob:.4f} "
-            f"train_loss {train_loss:.4f} train_acc {train_acc.percent():.4f}% test {last_test} "
-            f"best {best_acc:.4f}% time {seconds:.1f}s")
-        metrics.write(epoch + 1, {
-            "lr": lr, "drop_path": network.drop_path_prob, "train_loss": train_loss,
-            "train_acc": train_acc.percent(),
-            **{f"test_top{k}_acc": last_test.percent(k) for k in topk},
-            "best_acc": best_acc, "seconds": seconds})
-        if runtime.is_main and is_best:
-            atomic_save(network.state_dict(), os.path.join(run_dir, "best.pt"))
-        save_checkpoint(run_dir, runtime, network, {"optimizer": optimizer}, scheduler, precision,
-                        epoch + 1, args, genotype, best_acc=best_acc, last_test=vars(last_test))
+        result = train_and_test(run, criterion, scheduler, epoch, runtime, args, topk)
+        epochs.set_postfix_str(f"train {result['train_acc'].percent():.2f}% "
+                               f"test {run.last_test.percent(topk[0]):.2f}%")
+        speed = clock.epoch_done(len(run.train_loader) * args.batchsz * runtime.world_size,
+                                 result["step_seconds"], result["seconds"])
+        end_of_training_epoch(run, result, speed, scheduler, metrics, runtime, args, genotype, topk)
     epochs.close()
     metrics.close()
-
     if runtime.is_main:
-        atomic_save(network.state_dict(), os.path.join(run_dir, "trained.pt"))
-    log(f"final test {last_test}")
-    return last_test
+        atomic_save(network.state_dict(), os.path.join(run.run_dir, "trained.pt"))
+    run.log(f"final test {run.last_test}")
+    return run.last_test
 
 
 def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
@@ -311,7 +412,7 @@ def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
         set_seed(args.seed + runtime.rank)
         network = build_network(args, dataset, data.num_classes_of(train_set), genotype)
         fit(args, runtime, network, genotype, train_set, test_set, criterion.to(runtime.device),
-            make_scheduler, input_size_of(dataset), topk)
+            make_scheduler, input_size_of(dataset), topk, dataset)
     finally:
         parallel.teardown()
 
@@ -328,8 +429,9 @@ def test(args: argparse.Namespace, dataset: str, topk: Sequence[int] = (1,)) -> 
         network.to(runtime.device, memory_format=memory_format(args.channels_last))
         model = network if runtime.distributed else parallel.wrap(network, runtime)
         loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
+        graphs, _ = use_cuda_graphs(args.cuda_graphs, runtime.device, parallel.replicas(runtime))
         result = test_accuracy(model, loader, runtime, precision_of(args, runtime),
-                               args.channels_last, topk)
+                               args.channels_last, topk, StepGraph(None, graphs, warmup=1))
         if runtime.is_main:
             print(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded)")
             print(f"test {result}")

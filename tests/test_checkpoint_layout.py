@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from attentions import ATTENTIONS
+from experiment import load_state_dict_checked
 from genotypes import Genotype
 from model import NetworkCIFAR, NetworkImageNet, upgrade_state_dict
 from operations import FactorizedReduce, Identity
@@ -228,6 +229,12 @@ def test_previous_checkpoint_upgrades_and_computes_the_same(layout):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=g)
     with torch.no_grad():
         assert torch.equal(target(x)[0], source(x)[0])
+
+    # The run mechanics load it through the network's own upgrade, knowing no class.
+    loaded = _double_net(genotype, seed=3)
+    load_state_dict_checked(loaded, previous, "previous.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], source(x)[0])
 
 
 def test_upgrade_keeps_current_and_unknown_keys():
