@@ -42,15 +42,19 @@ def add_cuda_graph_flag(parser: argparse.ArgumentParser) -> None:
                              "process, off on the CPU, under torchrun and with DataParallel)")
 
 
-def use_cuda_graphs(requested: "bool | str", device: torch.device,
-                    replicas: int = 1) -> Tuple[bool, str]:
+def use_cuda_graphs(requested: "bool | str", device: torch.device, replicas: int = 1,
+                    scaled: bool = False) -> Tuple[bool, str]:
     """``--cuda_graphs`` resolved: (on or off, why), for the run's log.  ``auto`` means on
     for a step on one CUDA device (``replicas``: the processes or DataParallel replicas
-    a step spans; their collectives and scatters are not captured)."""
+    a step spans; their collectives and scatters are not captured).  ``scaled``: the
+    step uses float16's gradient scaler, which reads its overflow check back to the
+    host every step."""
     if device.type != "cuda":
         return False, f"off on {device.type}: graphs are CUDA's"
     if replicas > 1:
         return False, f"off: a step spans {replicas} devices"
+    if scaled:
+        return False, "off: float16's gradient scaler synchronises every step (use bfloat16)"
     if requested == "auto":
         return True, "one CUDA device: whole steps captured and replayed"
     return bool(requested), "as requested"

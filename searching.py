@@ -39,8 +39,8 @@ from cuda_graphs import StepGraph, use_cuda_graphs
 from diagnostics import describe, epoch_diagnostics, scalars
 from early_stop import EarlyStop
 from errors import UserError
-from experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint_file, cosine_schedule,
-                        evaluate, load_checkpoint, progress, restore,
+from experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint_file,
+                        cosine_schedule, evaluate, load_checkpoint, progress, restore,
                         resumed_schedule, run_directory, run_epoch, save_checkpoint, set_seed,
                         to_device, weight_step)
 from genotypes import Genotype, genotype_from_dict, genotype_to_dict, save_genotype
@@ -217,8 +217,9 @@ def search(args: argparse.Namespace) -> None:
     try:
         args.channels_last = resolve_channels_last(args.channels_last, runtime.device)
         args.recompute, recompute_reason = resolve_recompute(args.recompute, runtime.device)
-        args.cuda_graphs, graphs_reason = use_cuda_graphs(args.cuda_graphs, runtime.device,
-                                                          parallel.replicas(runtime))
+        args.cuda_graphs, graphs_reason = use_cuda_graphs(
+            args.cuda_graphs, runtime.device, parallel.replicas(runtime),
+            scaled=args.amp and args.amp_dtype == "float16")
         reasons = {"recompute": recompute_reason, "cuda_graphs": graphs_reason}
         run_search(args, location, runtime, early_stop, reasons)
     finally:

@@ -33,10 +33,10 @@ import parallel
 from complexity import count_macs, count_parameters
 from cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
 from errors import UserError
-from experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog, atomic_save, checkpoint_file,
-                        evaluate, load_checkpoint, load_weights,
-                        progress, restore, resumed_schedule, run_directory, run_epoch,
-                        save_checkpoint, set_seed, weight_step)
+from experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog, atomic_save,
+                        checkpoint_file, evaluate, load_checkpoint, load_weights, progress,
+                        restore, resumed_schedule, run_directory, run_epoch, save_checkpoint,
+                        set_seed, weight_step)
 from genotypes import NAMED_GENOTYPES, Genotype, genotype_to_dict, resolve_genotype, save_genotype
 from metrics import Metrics
 from model import NetworkCIFAR, NetworkImageNet
@@ -363,8 +363,9 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     reasons = {}
-    args.cuda_graphs, reasons["cuda_graphs"] = use_cuda_graphs(args.cuda_graphs, runtime.device,
-                                                               parallel.replicas(runtime))
+    args.cuda_graphs, reasons["cuda_graphs"] = use_cuda_graphs(
+        args.cuda_graphs, runtime.device, parallel.replicas(runtime),
+        scaled=args.amp and args.amp_dtype == "float16")
     args.device_loader, reasons["device_loader"] = data.use_device_loader(
         getattr(args, "device_loader", False), runtime.device, dataset)
     run = prepare_training(args, runtime, network, genotype, train_set, test_set, dataset)

@@ -31,6 +31,8 @@ def test_graphs_are_used_for_one_cuda_device_only():
     assert use_cuda_graphs(True, CPU, 1)[0] is False
     several, why = use_cuda_graphs("auto", CUDA, 2)
     assert several is False and "2 devices" in why
+    scaled, why = use_cuda_graphs("auto", CUDA, 1, scaled=True)
+    assert scaled is False and "scaler" in why
     parser = argparse.ArgumentParser()
     add_cuda_graph_flag(parser)
     assert parser.parse_args([]).cuda_graphs == "auto"

@@ -51,7 +51,8 @@ def test_the_guard_catches_what_waits():
 
 
 @pytest.mark.parametrize("unrolled", [False, True])
-@pytest.mark.parametrize("recompute, amp", [(False, False), (True, True)])
+@pytest.mark.parametrize("recompute, amp", [(False, False),
+                                             pytest.param(True, True, marks=pytest.mark.slow)])
 def test_search_iterations_never_wait_for_the_device(unrolled, recompute, amp):
     torch.manual_seed(0)
     network = Network(4, 10, 3, nn.CrossEntropyLoss(), "after_every_and_end", image_size=8,

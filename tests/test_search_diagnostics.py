@@ -134,6 +134,7 @@ def _resumed(runs: dict) -> Path:
     return only_run_dir(exp)
 
 
+@pytest.mark.slow
 def test_every_epoch_logs_and_records_the_diagnostics(runs):
     plain = _run_of(runs, "plain")
     log = (plain / "log.txt").read_text()
@@ -165,6 +166,7 @@ def test_every_epoch_logs_and_records_the_diagnostics(runs):
     assert {"entropy_betas_reduce_min", "parameter_free_normal", "attention_normal_CBAM"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_measuring_the_eigenvalue_changes_no_search_result(runs):
     """An epoch with --hessian_every 1 ends on bitwise the architecture (and weights) of
     the same epoch without it."""
@@ -176,6 +178,7 @@ def test_measuring_the_eigenvalue_changes_no_search_result(runs):
     assert _history(plain)[0]["arch"] == _history(hessian)[0]["arch"]
 
 
+@pytest.mark.slow
 def test_the_hessian_rule_stops_on_the_eigenvalues_of_both_processes_of_a_resumed_search(runs):
     """The first process measured epoch 1; the resumed one measures epoch 2 and stops
     on both (epoch 1's from the checkpoint), keeping epoch 1's genotype; resumed again,
@@ -204,6 +207,7 @@ def test_the_hessian_rule_stops_on_the_eigenvalues_of_both_processes_of_a_resume
     assert log.count("early stop after epoch") == 1
 
 
+@pytest.mark.slow
 def test_skip_rule_with_second_order_amp_and_recomputed_cells(runs):
     run = _run_of(runs, "second_amp")
     log = (run / "log.txt").read_text()
@@ -233,6 +237,7 @@ def test_bad_flags_are_one_line_errors_before_anything_starts(folder, tmp_path, 
     assert not (tmp_path / "exp").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_hold_the_same_eigenvalue_and_stop_together(runs):
     result, exp = runs["torchrun"]
     _ok(result)
@@ -247,6 +252,7 @@ def test_torchrun_ranks_hold_the_same_eigenvalue_and_stop_together(runs):
     assert load_genotype(str(run / "genotype.json")) == _epoch_genotype(run, 1)
 
 
+@pytest.mark.slow
 def test_training_logs_its_macs_and_writes_metrics_csv(runs):
     run = _run_of(runs, "training")
     macs = count_macs(NetworkCIFAR(4, 10, 3, False, Att_DARTS), (3, 32, 32))
@@ -256,6 +262,7 @@ def test_training_logs_its_macs_and_writes_metrics_csv(runs):
     assert {"lr", "train_loss", "train_acc", "test_top1_acc", "best_acc"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_plot_search_draws_the_diagnostics(runs, tmp_path):
     import figures
 

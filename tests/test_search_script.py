@@ -41,6 +41,8 @@ HISTORY_KEYS = {"epoch", "lr", "train_acc", "valid_acc", "arch", "candidates", "
 # process's line may run on into the other's.
 DIGEST = re.compile(r"rank (\d+): architecture sha256 ([0-9a-f]{16})")
 STEP_DIGEST = re.compile(r"rank (\d+) epoch (\d+) step (\d+) architecture sha256 ([0-9a-f]{16})")
+# Every test here runs train_search.py end to end: the slow tier.
+pytestmark = pytest.mark.slow
 # Any download attempt fails at once instead of reaching (or waiting for) the network.
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",

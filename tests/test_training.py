@@ -98,6 +98,7 @@ def cifar10_run(cifar, tmp_path_factory):
     return flags, run_ok("train_CIFAR10.py", *flags).stdout, only_run_dir(exp)
 
 
+@pytest.mark.slow
 def test_cifar10_run_writes_its_files_and_the_test_script_reproduces_its_accuracy(cifar, cifar10_run):
     _, stdout, run = cifar10_run
     assert run.name.startswith("train_CIFAR10-")
@@ -121,6 +122,7 @@ def test_cifar10_run_writes_its_files_and_the_test_script_reproduces_its_accurac
     assert reported_accuracy(tested.stdout) == final
 
 
+@pytest.mark.slow
 def test_arch_path_genotype_json_wins_over_arch(cifar, tmp_path):
     genotype_file = tmp_path / "genotype.json"
     genotypes.save_genotype(genotypes.DARTS_V2, str(genotype_file))
@@ -134,6 +136,7 @@ def test_arch_path_genotype_json_wins_over_arch(cifar, tmp_path):
     assert reported_accuracy(tested.stdout) == reported_accuracy(trained.stdout)
 
 
+@pytest.mark.slow
 def test_cifar100_on_a_folder_takes_the_class_count_from_it(cifar_mini, tmp_path):
     folder = mini_cifar(cifar_mini, tmp_path / "three", classes=("bird", "cat", "dog"), val=5)
     exp = tmp_path / "exp"
@@ -154,6 +157,7 @@ def test_cifar100_on_a_folder_takes_the_class_count_from_it(cifar_mini, tmp_path
     assert reported_accuracy(tested.stdout) == final
 
 
+@pytest.mark.slow
 def test_imagenet_train_and_test_on_an_image_folder(tmp_path):
     folder = random_image_folder(tmp_path / "imagenet", classes=3, train=4, val=2)
     exp = tmp_path / "exp"
@@ -206,6 +210,7 @@ def test_imagenet_uses_label_smoothing_and_the_step_decay():
             args.seed) == (128, 3e-5, 250, 48, 14, 0.0, 0)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(cifar, tmp_path):
     flags = ["--data", str(cifar), "--auxiliary", "--cutout", "--epochs", "2", *TINY, *EVERY_STEP]
     reference = run_ok("train_CIFAR10.py", *flags, "--exp_path", str(tmp_path / "reference"))
@@ -230,6 +235,7 @@ def test_resumed_run_equals_an_uninterrupted_one(cifar, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_a_checkpoint_in_the_earlier_layout_resumes(cifar, tmp_path):
     """A checkpoint.pt as the train scripts wrote it before training shared its loop with
     the search (built here key by key, after the first of two epochs) resumes."""
@@ -268,6 +274,7 @@ def test_a_checkpoint_in_the_earlier_layout_resumes(cifar, tmp_path):
     assert _steps_per_epoch(log) == [6]
     assert (run / "trained.pt").exists()
 
+@pytest.mark.slow
 def test_resume_refuses_a_foreign_checkpoint_or_other_flags(cifar10_run):
     flags, _, run = cifar10_run
     error = one_line_error(run_script("train_CIFAR10.py", *flags,
@@ -278,6 +285,7 @@ def test_resume_refuses_a_foreign_checkpoint_or_other_flags(cifar10_run):
     assert "--lr 0.025, not 0.1" in error
 
 
+@pytest.mark.slow
 def test_missing_data_offline_is_one_line_saying_what_and_where(tmp_path):
     empty = tmp_path / "nothing here"
     empty.mkdir()
@@ -292,6 +300,7 @@ def test_missing_data_offline_is_one_line_saying_what_and_where(tmp_path):
     assert str(empty / "train") in error
 
 
+@pytest.mark.slow
 def test_torchrun_run_and_its_resume_write_once_and_test_the_whole_split(cifar_mini, tmp_path):
     # 15 test images: two processes cannot split them evenly.
     folder = mini_cifar(cifar_mini, tmp_path / "three", classes=("bird", "cat", "dog"), val=5)
@@ -322,3 +331,26 @@ def test_torchrun_run_and_its_resume_write_once_and_test_the_whole_split(cifar_m
 def test_evaluation_shards_cover_every_image_once():
     shards = [list(ShardSampler(range(7), Runtime(torch.device("cpu"), rank, 2))) for rank in (0, 1)]
     assert shards == [[0, 2, 4, 6], [1, 3, 5]]
+
+
+@pytest.mark.slow
+def test_device_loader_run_resumes_bit_for_bit_and_logs_its_speed(cifar, tmp_path):
+    """--device_loader (the GPU's default) on the CPU: batches augmented on the device,
+    3+ steps per epoch, a run extended from 1 to 2 epochs equal to a 2-epoch run."""
+    flags = ["--data", str(cifar), "--auxiliary", "--cutout", "--device_loader", *TINY, *EVERY_STEP]
+    reference = run_ok("train_CIFAR10.py", *flags, "--epochs", "2",
+                       "--exp_path", str(tmp_path / "reference"))
+    run_ok("train_CIFAR10.py", *flags, "--epochs", "1", "--exp_path", str(tmp_path / "part"))
+    run = only_run_dir(tmp_path / "part")
+    resumed = run_ok("train_CIFAR10.py", *flags, "--epochs", "2",
+                     "--checkpoint_path", str(run / "checkpoint.pt"))
+    assert reported_accuracy(resumed.stdout) == reported_accuracy(reference.stdout)
+    expected = _state_dict(only_run_dir(tmp_path / "reference") / "trained.pt")
+    weights = _state_dict(run / "trained.pt")
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    log = (run / "log.txt").read_text()
+    assert "device loader on (as requested)" in log and "CUDA graphs off" in log
+    assert _steps_per_epoch(log) == [6, 6]  # 200 images, batch 32
+    assert len(re.findall(r"time [\d.]+s \d+ img/s, eta \d+:\d\d:\d\d", log)) == 2
+    last_epoch = next(line for line in log.splitlines() if "epoch 2/2 lr" in line)
+    assert last_epoch.endswith("eta 0:00:00")
