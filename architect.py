@@ -29,8 +29,10 @@ Tensors = Dict[str, torch.Tensor]
 
 class Architect:
     def __init__(self, model: nn.Module, weight_optimizer: torch.optim.SGD, arch_lr: float,
-                 arch_wd: float, unrolled: bool):
-        """``model``: the supernet, bare or wrapped in DataParallel/DDP."""
+                 arch_wd: float, unrolled: bool, capturable: bool = False):
+        """``model``: the supernet, bare or wrapped in DataParallel/DDP.  ``capturable``:
+        Adam keeps its step count on the device, so that a CUDA graph can hold the step
+        (CUDA only; on the CPU the count is a host number anyway)."""
         # functional_call needs the bare network: PyTorch refuses it on DataParallel,
         # and DDP's forward would synchronise buffers.  Under torchrun each process
         # runs this step on its own shard and the gradients are averaged here; with
@@ -40,7 +42,8 @@ class Architect:
         self.weight_optimizer = weight_optimizer
         self.unrolled = unrolled
         self.optimizer = torch.optim.Adam(self.network.arch_parameters(), lr=arch_lr,
-                                          betas=(0.5, 0.999), weight_decay=arch_wd)
+                                          betas=(0.5, 0.999), weight_decay=arch_wd, foreach=True,
+                                          capturable=capturable)
 
     # -- functional forward -------------------------------------------------------
     def _loss(self, weights: Tensors, arch: Tensors, x: torch.Tensor,
@@ -77,17 +80,19 @@ class Architect:
     @torch.no_grad()
     def virtual_weights(self, weights: Tensors, train_grads: List[torch.Tensor], lr: float) -> Tensors:
         """w' = w - xi (mu m + g + lambda w), with the SGD optimizer's own momentum
-        buffers (zero before its first step) and weight decay."""
+        buffers (zero before its first step) and weight decay.  One ``_foreach`` op per
+        term for all weights: on a GPU a per-weight loop is hundreds of tiny kernels."""
         group = self.weight_optimizer.param_groups[0]
         momentum, weight_decay = group["momentum"], group["weight_decay"]
-        virtual = {}
-        for (name, w), g in zip(weights.items(), train_grads):
-            step = g + weight_decay * w
-            buffer = self.weight_optimizer.state.get(w, {}).get("momentum_buffer")
-            if buffer is not None:
-                step = step + momentum * buffer
-            virtual[name] = (w - lr * step).requires_grad_(True)
-        return virtual
+        params = list(weights.values())
+        steps = torch._foreach_add(train_grads, params, alpha=weight_decay)
+        buffers = [self.weight_optimizer.state.get(w, {}).get("momentum_buffer") for w in params]
+        with_buffer = [i for i, b in enumerate(buffers) if b is not None]
+        if with_buffer:  # none before the optimizer's first step
+            torch._foreach_add_([steps[i] for i in with_buffer], [buffers[i] for i in with_buffer],
+                                alpha=momentum)
+        virtual = torch._foreach_add(params, steps, alpha=-lr)
+        return {name: v.requires_grad_(True) for name, v in zip(weights, virtual)}
 
     def second_order_gradient(self, x_train: torch.Tensor, y_train: torch.Tensor,
                               x_valid: torch.Tensor, y_valid: torch.Tensor,
@@ -110,25 +115,29 @@ class Architect:
         del virtual, grads
 
         hessian_term = self.hessian_vector_product(weights, arch, direction, x_train, y_train)
-        return [g - lr * h for g, h in zip(arch_grads, hessian_term)]
+        return list(torch._foreach_add(arch_grads, hessian_term, alpha=-lr))
 
     def hessian_vector_product(self, weights: Tensors, arch: Tensors,
                                direction: List[torch.Tensor], x: torch.Tensor,
                                target: torch.Tensor) -> List[torch.Tensor]:
         """(grad_A L_train(w + eps v, A) - grad_A L_train(w - eps v, A)) / (2 eps)
         ~ d^2 L_train / dA dw . v, with eps = 0.01 / |v|."""
-        eps = 0.01 / torch.cat([d.flatten() for d in direction]).norm()
+        # A tensor, never read back: the step stays free of host synchronisation.
+        eps = 0.01 / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction)))
+        params = list(weights.values())
         with torch.no_grad():
-            plus = {k: w + eps * d for (k, w), d in zip(weights.items(), direction)}
+            scaled = torch._foreach_mul(direction, eps)
+            plus = dict(zip(weights, torch._foreach_add(params, scaled)))
         grads_plus = self._grad(self._loss(plus, arch, x, target), list(arch.values()))
         del plus
         with torch.no_grad():
-            minus = {k: w - eps * d for (k, w), d in zip(weights.items(), direction)}
+            minus = dict(zip(weights, torch._foreach_sub(params, scaled)))
+        del scaled
         grads_minus = self._grad(self._loss(minus, arch, x, target), list(arch.values()))
         del minus
-        difference = [p - m for p, m in zip(grads_plus, grads_minus)]
+        difference = torch._foreach_sub(grads_plus, grads_minus)
         all_reduce_mean_(difference)
-        return [d / (2 * eps) for d in difference]
+        return list(torch._foreach_div(difference, 2 * eps))
 
     # -- the step -------------------------------------------------------------------
     def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor,

@@ -10,6 +10,7 @@ they are *not* network weights: use ``weights()`` for the weight optimizer and
 import contextlib
 import enum
 import functools
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -73,86 +74,60 @@ SEARCH_SPACES: Dict[AttLocation, SearchSpace] = {
 }
 
 
-def build_candidate(name: str, C: int, stride: int, height: int, width: int) -> nn.Module:
-    """One supernet candidate: a non-affine op, or an attention built for (height, width).
+def build_candidate(name: str, C: int, stride: int, height: int, width: int,
+                    edges: int = 1) -> nn.Module:
+    """One supernet candidate: a non-affine op, or an attention built for (height, width),
+    for ``edges`` edges side by side (see operations.py).
 
     ``height``/``width`` are the size of the candidate's *output*; an attention on a
     stride-2 edge is preceded by a FactorizedReduce so its output matches the ops.
     """
     if name in ATTENTIONS:
-        attention = build_attention(name, C, height, width)
+        attention = build_attention(name, C, height, width, edges)
         if stride == 1:
             return attention
-        return nn.Sequential(FactorizedReduce(C, C, affine=False), attention)
-    op = OPS[name](C, stride, False)
+        return nn.Sequential(FactorizedReduce(C, C, affine=False, edges=edges), attention)
+    op = OPS[name](C, stride, False, edges)
     if "pool" in name:
         # A non-affine BN puts pooling outputs on the same scale as the conv ops.
-        op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+        op = nn.Sequential(op, nn.BatchNorm2d(edges * C, affine=False))
     return op
 
 
 class MixedOp(nn.Module):
-    """sum_k w_k * candidate_k(x).  `none` is never built nor run: it adds exactly zero."""
+    """For each of ``edges`` edges, sum_k w_k * candidate_k(x_edge).  `none` is never
+    built nor run: it adds exactly zero.
 
-    def __init__(self, candidates: Sequence[str], C: int, stride: int, height: int, width: int):
+    The edges run side by side: the input is (B, edges*C, H, W), edge e's channels at
+    block e, and every candidate is built for all the edges at once (grouped by edge,
+    see operations.py): a few large kernels instead of one small one per edge and
+    candidate, the point on launch-bound GPUs.  Non-affine BatchNorms over the
+    edges' channels keep each edge's own statistics."""
+
+    def __init__(self, candidates: Sequence[str], C: int, stride: int, height: int, width: int,
+                 edges: int = 1):
         super().__init__()
+        self.edges = edges
         self._weight_index = [k for k, name in enumerate(candidates) if name != "none"]
         self._ops = nn.ModuleList(
-            build_candidate(candidates[k], C, stride, height, width) for k in self._weight_index)
+            build_candidate(candidates[k], C, stride, height, width, edges) for k in self._weight_index)
         # The conv candidates all begin with ReLU(x): rectify once, which saves their
         # copies of it (time, and memory kept for backward).
         self._starts_with_relu = [isinstance(op, ReLUFirst) for op in self._ops]
         self.shares_relu = sum(self._starts_with_relu) > 1
-        # Candidates whose output depends on x alone: the poolings (their BN has no
-        # parameters and normalises with batch statistics) and the identity skip.
-        # Edges leaving the same state compute them once (``input_only_outputs``).
-        self._input_only = [candidates[k] in ("max_pool_3x3", "avg_pool_3x3")
-                            or (candidates[k] == "skip_connect" and stride == 1)
-                            for k in self._weight_index]
 
-    def input_only_outputs(self, x: torch.Tensor
-                           ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
-        """The outputs of the candidates that depend on ``x`` alone, by position, and
-        each pooling's output before its BN (for ``track_statistics``)."""
-        outputs, pooled = {}, {}
-        for i, (op, only_x) in enumerate(zip(self._ops, self._input_only)):
-            if not only_x:
-                continue
-            if isinstance(op, nn.Sequential):  # pooling, then its BN
-                pooled[i] = op[0](x)
-                outputs[i] = op[1](pooled[i])
-            else:
-                outputs[i] = op(x)
-        return outputs, pooled
-
-    @torch.no_grad()
-    def track_statistics(self, pooled: Dict[int, torch.Tensor]) -> None:
-        """Update the poolings' BN running statistics with the batch another edge
-        normalised (in training mode their outputs would be that edge's)."""
-        for i, tensor in pooled.items():
-            if self._ops[i][1].track_running_stats:
-                self._ops[i][1](tensor)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor,
-                rectified: Optional[torch.Tensor] = None,
-                shared: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
-        """``rectified`` (relu(x)) and ``shared`` (``input_only_outputs(x)``) may come
-        from another edge leaving the same state."""
-        if rectified is None and self.shares_relu:
-            rectified = F.relu(x)
-        if shared is None:
-            shared, _ = self.input_only_outputs(x)
-        weights = weights.unbind()
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, edges*C, H, W); ``weights``: (edges, candidates).  Returns the edges'
+        outputs as (B, edges, C, H', W')."""
+        rectified = F.relu(x) if self.shares_relu else None
+        # Candidate k's weights as (1, edges, 1, 1, 1), against (B, edges, C, H, W).
+        columns = weights.t()[:, None, :, None, None, None].unbind()
         out = None
-        for i, (k, op) in enumerate(zip(self._weight_index, self._ops)):
-            if i in shared:
-                y = shared[i]
-            elif self.shares_relu and self._starts_with_relu[i]:
-                y = op.forward_from_relu(rectified)
-            else:
-                y = op(x)
+        for k, op, from_relu in zip(self._weight_index, self._ops, self._starts_with_relu):
+            y = op.forward_from_relu(rectified) if from_relu and self.shares_relu else op(x)
+            y = y.unflatten(1, (self.edges, -1))
             # out + w * y in one pass over memory
-            out = weights[k] * y if out is None else torch.addcmul(out, weights[k], y)
+            out = columns[k] * y if out is None else torch.addcmul(out, columns[k], y)
         return out
 
 
@@ -161,11 +136,18 @@ class SearchCell(nn.Module):
     ``multiplier`` intermediate nodes.
 
     The forward runs state by state: each part takes one state (a cell input, which
-    it preprocesses, or a finished node) and computes every edge leaving it, so what
-    depends on the state alone (its ReLU, its poolings) is computed once for all of
-    them.  Node i sums the edges from states 0..i+1 in that order, and is finished once
-    state i+1 has run.  With ``recompute=True`` each part is recomputed in backward on
-    its own (``RecomputedPart``), and a training forward keeps only the states."""
+    it preprocesses, or a finished node) and computes every edge leaving it as one
+    MixedOp over those edges side by side (``_ops_from[j]``, then ``_attns_from[j]``
+    for a second stage).  Node i sums the edges from states 0..i+1 in that order, and
+    is finished once state i+1 has run.  With ``recompute=True`` each part is
+    recomputed in backward on its own (``RecomputedPart``), and a training forward
+    keeps only the states.
+
+    State-dict layout: ``_ops_from.{j}`` holds the tensors of the edges leaving state
+    j, stacked in the order of the nodes they lead to.  Checkpoints of the per-edge
+    layout (``_ops.{edge}``, ``_attns.{edge}``, one MixedOp per edge, edges numbered
+    node by node) still load (``_load_from_state_dict``); ``per_edge_entries`` maps
+    back."""
 
     def __init__(self, space: SearchSpace, steps: int, multiplier: int, C_prev_prev: int,
                  C_prev: int, C: int, reduction: bool, reduction_prev: bool,
@@ -180,26 +162,34 @@ class SearchCell(nn.Module):
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
 
-        self._ops = nn.ModuleList()
-        self._attns = nn.ModuleList()
-        for i in range(steps):
-            for j in range(2 + i):
-                stride = 2 if reduction and j < 2 else 1
-                self._ops.append(MixedOp(space.first_stage, C, stride, height, width))
-                if space.second_stage is not None:
-                    self._attns.append(MixedOp(space.second_stage, C, 1, height, width))
-        self._bottleneck = (MixedOp(space.cell_end, multiplier * C, 1, height, width)
-                            if space.cell_end is not None else None)
-
         # Edges are numbered node by node; node i's edge from state j is offset(i) + j.
         offsets = [sum(2 + k for k in range(i)) for i in range(steps)]
         self._targets = [list(range(max(0, j - 1), steps)) for j in range(steps + 1)]
         self._edges_leaving = [[offsets[i] + j for i in targets]
                                for j, targets in enumerate(self._targets)]
+        # The edges' architecture weights in the order of the parts: state j's rows
+        # are _rows[j] of the reordered matrix.
+        order = [e for edges in self._edges_leaving for e in edges]
+        self.register_buffer("_order", torch.tensor(order), persistent=False)
+        bounds = [0]
+        for edges in self._edges_leaving:
+            bounds.append(bounds[-1] + len(edges))
+        self._rows = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+        self._ops_from = nn.ModuleList()
+        self._attns_from = nn.ModuleList()
+        for j, edges in enumerate(self._edges_leaving):
+            stride = 2 if reduction and j < 2 else 1
+            self._ops_from.append(MixedOp(space.first_stage, C, stride, height, width, len(edges)))
+            if space.second_stage is not None:
+                self._attns_from.append(MixedOp(space.second_stage, C, 1, height, width, len(edges)))
+        self._bottleneck = (MixedOp(space.cell_end, multiplier * C, 1, height, width)
+                            if space.cell_end is not None else None)
+
         self._part_modules = [
-            ([f"preprocess{j}"] if j < 2 else []) + [f"_ops.{e}" for e in edges]
-            + ([f"_attns.{e}" for e in edges] if space.second_stage is not None else [])
-            for j, edges in enumerate(self._edges_leaving)]
+            ([f"preprocess{j}"] if j < 2 else []) + [f"_ops_from.{j}"]
+            + ([f"_attns_from.{j}"] if space.second_stage is not None else [])
+            for j in range(steps + 1)]
         if self._bottleneck is not None:
             self._part_modules.append(["_bottleneck"])
         # By name, looked up in the cell that runs: a DataParallel replica runs its own
@@ -219,46 +209,40 @@ class SearchCell(nn.Module):
         run = self._run
         if recompute:  # the cell's modules by name, looked up once per forward (see _part_params)
             run = functools.partial(self._run_recomputed, dict(self.named_modules()))
+        first = first.index_select(0, self._order)
+        second = second.index_select(0, self._order) if second is not None else None
         states = [s0, s1]
         nodes: List[Optional[torch.Tensor]] = [None] * self._steps
         for j in range(self._steps + 1):  # the last node leads nowhere
             part = functools.partial(SearchCell._edges_from, index=j)
-            contributions = run(part, self._part_modules[j], states[j], first, second)
-            for i, out in zip(self._targets[j], contributions):
+            rows = self._rows[j]
+            contributions = run(part, self._part_modules[j], states[j], first[rows],
+                                None if second is None else second[rows])
+            for i, out in zip(self._targets[j], contributions.unbind(1)):
                 nodes[i] = out if nodes[i] is None else nodes[i] + out
             if j >= 1:
                 states.append(nodes[j - 1])  # its last edge comes from state j
         out = torch.cat(states[-self._multiplier:], dim=1)
         if self._bottleneck is not None:
-            out = run(SearchCell._cell_end, self._part_modules[-1], out, cell_end)
+            out = run(SearchCell._cell_end, self._part_modules[-1], out, cell_end[None])
         return out
 
     # -- the parts --------------------------------------------------------------------
     def _edges_from(self, h: torch.Tensor, first: torch.Tensor, second: Optional[torch.Tensor],
-                    index: int) -> Tuple[torch.Tensor, ...]:
+                    index: int) -> torch.Tensor:
         """Every edge leaving state ``index`` (preprocessed here for a cell input), in
-        the order of the nodes they lead to."""
+        the order of the nodes they lead to: (B, edges, C, H, W)."""
         if index < 2:
             h = (self.preprocess0 if index == 0 else self.preprocess1)(h)
-        edges = self._edges_leaving[index]
-        lead = self._ops[edges[0]]
-        rectified = F.relu(h) if lead.shares_relu else None
-        # In training mode a pooling's BN output is the same on every edge (batch
-        # statistics): the first edge computes it, the others only update their running
-        # statistics.  In eval mode each edge normalises with its own statistics.
-        shared, pooled = lead.input_only_outputs(h) if self.training else (None, {})
-        outputs = []
-        for e in edges:
-            if e != edges[0]:
-                self._ops[e].track_statistics(pooled)
-            out = self._ops[e](h, first[e], rectified, shared)
-            if second is not None:
-                out = self._attns[e](out, second[e])
-            outputs.append(out)
-        return tuple(outputs)
+        edges = len(self._edges_leaving[index])
+        # Every edge's input side by side (cat keeps the memory format; repeat does not).
+        out = self._ops_from[index](torch.cat([h] * edges, dim=1) if edges > 1 else h, first)
+        if second is not None:
+            out = self._attns_from[index](out.flatten(1, 2), second)
+        return out
 
     def _cell_end(self, out: torch.Tensor, cell_end: torch.Tensor) -> torch.Tensor:
-        return self._bottleneck(out, cell_end)
+        return self._bottleneck(out, cell_end).flatten(1, 2)
 
     def _run(self, part: Callable, modules: List[str], *inputs):
         return part(self, *inputs)
@@ -272,6 +256,39 @@ class SearchCell(nn.Module):
                   for owner, _, attr in (name.rpartition(".") for name in names)]
         norms = [members[name] for name in self._part_norms[tuple(modules)]]
         return RecomputedPart.apply(part, self, norms, names, len(inputs), *inputs, *params)
+
+    # -- the per-edge layout ------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Group a per-edge checkpoint's ``_ops.{edge}``/``_attns.{edge}`` entries into
+        this cell's ``_ops_from.{state}``/``_attns_from.{state}`` ones, then load."""
+        pattern = re.compile(re.escape(prefix) + r"(_ops|_attns)\.(\d+)\.(.*)")
+        per_edge = {}
+        for key in [k for k in state_dict if pattern.fullmatch(k)]:
+            kind, edge, rest = pattern.fullmatch(key).groups()
+            per_edge[kind, int(edge), rest] = state_dict.pop(key)
+        for kind, edge, rest in list(per_edge):
+            state = next(j for j, edges in enumerate(self._edges_leaving) if edge in edges)
+            if edge != self._edges_leaving[state][0]:
+                continue
+            tensors = [per_edge[kind, e, rest] for e in self._edges_leaving[state]]
+            # num_batches_tracked: one counter for the state's edges (they count alike).
+            state_dict[f"{prefix}{kind}_from.{state}.{rest}"] = (
+                tensors[0] if tensors[0].dim() == 0 else torch.cat(tensors))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def per_edge_entries(self, kind: str, by_state: Dict[int, Dict[str, torch.Tensor]],
+                         prefix: str) -> Dict[str, torch.Tensor]:
+        """The entries ``{state: {name inside _ops_from.{state}: tensor}}`` of ``kind``
+        (``_ops`` or ``_attns``) under the per-edge names, edge by edge: each edge's
+        block (views), counters repeated."""
+        entries = {}
+        for edge in range(sum(len(edges) for edges in self._edges_leaving)):
+            state = next(j for j, edges in enumerate(self._edges_leaving) if edge in edges)
+            position, count = self._edges_leaving[state].index(edge), len(self._edges_leaving[state])
+            for rest, tensor in by_state.get(state, {}).items():
+                entries[f"{prefix}{kind}.{edge}.{rest}"] = (
+                    tensor if tensor.dim() == 0 else tensor.unflatten(0, (count, -1))[position])
+        return entries
 
 
 class Network(nn.Module):
@@ -376,6 +393,31 @@ class Network(nn.Module):
             s0, s1 = s1, cell(s0, s1, *cell_weights, recompute=recompute)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
+
+    def per_edge_layout(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``tensors`` keyed as this network's state_dict (all of it, or a part: the
+        weights, their gradients) under the per-edge layout of earlier versions, in its
+        order: each cell's ``_ops.{edge}``/``_attns.{edge}`` in place of its
+        ``_ops_from.{state}``/``_attns_from.{state}`` (edge blocks as views).  The
+        network loads that layout as its own (SearchCell._load_from_state_dict)."""
+        pattern = re.compile(r"(cells\.(\d+)\.)(_ops|_attns)_from\.(\d+)\.(.*)")
+        out: Dict = {}
+        for key, tensor in tensors.items():
+            match = pattern.fullmatch(key)
+            if match is None:
+                out[key] = tensor
+                continue
+            prefix, cell, kind, state, rest = match.groups()
+            # The block of the cell's kind stands where its first entry stood.
+            out.setdefault((prefix, int(cell), kind), {}).setdefault(int(state), {})[rest] = tensor
+        result = {}
+        for key, value in out.items():
+            if isinstance(key, tuple):
+                prefix, cell, kind = key
+                result.update(self.cells[cell].per_edge_entries(kind, value, prefix))
+            else:
+                result[key] = value
+        return result
 
     def loss(self, x: torch.Tensor, target: torch.Tensor,
              tensors: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:

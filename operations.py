@@ -4,6 +4,13 @@ Every op maps C channels to C channels.  ``affine`` is the BatchNorm affine flag
 False inside the search supernet (so the architecture weights, not BN scales,
 decide the op's strength), True in final networks.  The ``op``/``conv_1``/... names
 and Sequential indices fix the checkpoint layout of the published models.
+
+The search supernet runs all the edges leaving one state as one computation: the
+parametrised ops take ``edges`` (default 1, the per-edge op of the final networks),
+read a (B, edges*C, H, W) input holding every edge's input side by side, and keep
+every edge's parameters in one tensor whose rows are the edges' in order (edge e's
+block of a weight is the per-edge op's weight).  Their 1x1 convolutions are grouped
+by edge; depthwise convolutions and non-affine BatchNorms are per channel anyway.
 """
 import itertools
 from typing import Callable, Dict, Optional, Tuple
@@ -100,6 +107,12 @@ class DepthwiseConv2d(nn.Conv2d):
                                           self.dilation[0])
 
 
+def pointwise(C_in: int, C_out: int, edges: int = 1, stride: int = 1) -> nn.Conv2d:
+    """A 1x1 convolution without bias, one per edge on its own block of channels."""
+    return nn.Conv2d(edges * C_in, edges * C_out, 1, stride=stride, padding=0, bias=False,
+                     groups=edges)
+
+
 class ReLUFirst(nn.Module):
     """An op whose ``self.op`` Sequential starts with a ReLU.  ``forward_from_relu``
     takes the already rectified input, so a supernet edge can rectify its input
@@ -131,13 +144,13 @@ class DilConv(ReLUFirst):
     """ReLU -> depthwise dilated conv -> pointwise conv -> BN."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 dilation: int, affine: bool = True):
+                 dilation: int, affine: bool = True, edges: int = 1):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
-            DepthwiseConv2d(C_in, kernel_size, stride, padding, dilation),
-            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            DepthwiseConv2d(edges * C_in, kernel_size, stride, padding, dilation),
+            pointwise(C_in, C_out, edges),
+            nn.BatchNorm2d(edges * C_out, affine=affine),
         )
 
 
@@ -145,30 +158,31 @@ class SepConv(ReLUFirst):
     """Two (ReLU -> depthwise conv -> pointwise conv -> BN) blocks; stride on the first."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 affine: bool = True):
+                 affine: bool = True, edges: int = 1):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
-            DepthwiseConv2d(C_in, kernel_size, stride, padding),
-            nn.Conv2d(C_in, C_in, kernel_size=1, padding=0, bias=False),
-            nn.BatchNorm2d(C_in, affine=affine),
+            DepthwiseConv2d(edges * C_in, kernel_size, stride, padding),
+            pointwise(C_in, C_in, edges),
+            nn.BatchNorm2d(edges * C_in, affine=affine),
             nn.ReLU(inplace=False),
-            DepthwiseConv2d(C_in, kernel_size, 1, padding),
-            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            DepthwiseConv2d(edges * C_in, kernel_size, 1, padding),
+            pointwise(C_in, C_out, edges),
+            nn.BatchNorm2d(edges * C_out, affine=affine),
         )
 
 
 class Conv7x1x1x7(ReLUFirst):
     """ReLU -> 1x7 conv (stride on width) -> 7x1 conv (stride on height) -> BN."""
 
-    def __init__(self, C: int, stride: int, affine: bool = True):
+    def __init__(self, C: int, stride: int, affine: bool = True, edges: int = 1):
         super().__init__()
+        E = edges
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
-            nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
-            nn.BatchNorm2d(C, affine=affine),
+            nn.Conv2d(E * C, E * C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False, groups=E),
+            nn.Conv2d(E * C, E * C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False, groups=E),
+            nn.BatchNorm2d(E * C, affine=affine),
         )
 
 
@@ -194,34 +208,41 @@ class Zero(nn.Module):
 
 class FactorizedReduce(nn.Module):
     """Halve the resolution without losing pixels: two 1x1 stride-2 convs, the
-    second on the input shifted by one pixel, concatenated along channels."""
+    second on the input shifted by one pixel, concatenated along channels (per edge:
+    each edge's output is its two halves)."""
 
-    def __init__(self, C_in: int, C_out: int, affine: bool = True):
+    def __init__(self, C_in: int, C_out: int, affine: bool = True, edges: int = 1):
         super().__init__()
         assert C_out % 2 == 0, "FactorizedReduce needs an even number of output channels"
+        self.edges = edges
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+        self.conv_1 = pointwise(C_in, C_out // 2, edges, stride=2)
+        self.conv_2 = pointwise(C_in, C_out // 2, edges, stride=2)
+        self.bn = nn.BatchNorm2d(edges * C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(x)
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+        halves = [self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])]
+        if self.edges > 1:  # edge by edge: (B, edges, C_out, H, W)
+            return self.bn(torch.cat([h.unflatten(1, (self.edges, -1)) for h in halves], 2).flatten(1, 2))
+        return self.bn(torch.cat(halves, dim=1))
 
 
-OPS: Dict[str, Callable[[int, int, bool], nn.Module]] = {
-    "none": lambda C, stride, affine: Zero(stride),
-    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1,
-                                                           count_include_pad=False),
-    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
-    "skip_connect": lambda C, stride, affine: (
-        Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)),
-    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine),
-    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine),
-    "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine=affine),
-    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine),
-    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
-    "conv_7x1_1x7": lambda C, stride, affine: Conv7x1x1x7(C, stride, affine=affine),
+# name -> (C, stride, affine, edges=1) -> op.  The parameter-free ops are channelwise,
+# so they serve any number of edges as built.
+OPS: Dict[str, Callable[..., nn.Module]] = {
+    "none": lambda C, stride, affine, edges=1: Zero(stride),
+    "avg_pool_3x3": lambda C, stride, affine, edges=1: nn.AvgPool2d(3, stride=stride, padding=1,
+                                                                    count_include_pad=False),
+    "max_pool_3x3": lambda C, stride, affine, edges=1: nn.MaxPool2d(3, stride=stride, padding=1),
+    "skip_connect": lambda C, stride, affine, edges=1: (
+        Identity() if stride == 1 else FactorizedReduce(C, C, affine, edges)),
+    "sep_conv_3x3": lambda C, stride, affine, edges=1: SepConv(C, C, 3, stride, 1, affine, edges),
+    "sep_conv_5x5": lambda C, stride, affine, edges=1: SepConv(C, C, 5, stride, 2, affine, edges),
+    "sep_conv_7x7": lambda C, stride, affine, edges=1: SepConv(C, C, 7, stride, 3, affine, edges),
+    "dil_conv_3x3": lambda C, stride, affine, edges=1: DilConv(C, C, 3, stride, 2, 2, affine, edges),
+    "dil_conv_5x5": lambda C, stride, affine, edges=1: DilConv(C, C, 5, stride, 4, 2, affine, edges),
+    "conv_7x1_1x7": lambda C, stride, affine, edges=1: Conv7x1x1x7(C, stride, affine, edges),
 }
 
 

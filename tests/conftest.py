@@ -51,3 +51,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Parametrizations left out of the quick tier (``-m "not slow"``) where a faster case
+# of the same test stays in it; whole tests are marked with @pytest.mark.slow.
+SLOW_CASES = (
+    "test_architect.py::test_first_order_gradient_is_the_validation_gradient[after_every_and_end]",
+    "test_architect.py::test_search_iterations_move_only_what_they_should[first_order-recomputed]",
+    "test_architect.py::test_search_iterations_move_only_what_they_should[second_order-recomputed]",
+    "test_host_sync.py::test_search_iterations_never_wait_for_the_device[False-False-True]",
+    "test_loop_reference.py::test_one_search_epoch_matches_the_recorded_one[2]",
+    "test_model_search.py::test_recomputed_cells_give_the_same_gradients_and_statistics[double_mixed]",
+    "test_model_search.py::test_forward_backward[double_mixed]",
+    "test_plot_search.py::test_cli_writes_every_plot[after_every_and_end]",
+    "test_plot_search.py::test_cli_writes_every_plot[mixed_with_operation]",
+    *(f"test_supernet_reference.py::test_supernet_matches_the_recorded_values[{location}]"
+      for location in ("end", "after_every_and_end", "mixed_with_operation", "double_mixed")),
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.nodeid.endswith(SLOW_CASES):
+            item.add_marker(pytest.mark.slow)

@@ -27,7 +27,13 @@ def fill_seeded(module: nn.Module) -> None:
     """Overwrite every floating-point entry of ``module.state_dict()``: entry i from
     ``torch.Generator().manual_seed(1000 + i)``, scaled by what it is (fan-in for
     weights, positive running variances, 0.5 for architecture parameters)."""
-    for i, (name, tensor) in enumerate(module.state_dict(keep_vars=True).items()):
+    fill_seeded_state(module.state_dict(keep_vars=True))
+
+
+@torch.no_grad()
+def fill_seeded_state(state: Dict[str, torch.Tensor]) -> None:
+    """``fill_seeded`` on the entries of a state dict, in place."""
+    for i, (name, tensor) in enumerate(state.items()):
         if not tensor.is_floating_point():
             continue
         generator = torch.Generator().manual_seed(1000 + i)
@@ -43,6 +49,21 @@ def fill_seeded(module: nn.Module) -> None:
         else:
             values = 0.1 * values + (1.0 if name.endswith("weight") else 0.0)
         tensor.copy_(values)
+
+
+def fill_seeded_supernet(network: nn.Module) -> None:
+    """``fill_seeded`` on the supernet's per-edge layout, the one the values were
+    recorded with (one MixedOp per edge), loaded through the network's conversion."""
+    state = {k: v.clone() for k, v in network.per_edge_layout(network.state_dict()).items()}
+    fill_seeded_state(state)
+    network.load_state_dict(state)
+
+
+def per_edge_order(network: nn.Module, named: Iterable) -> List[torch.Tensor]:
+    """The tensors of ``named`` ((state_dict name, tensor) pairs: weights, their
+    gradients, buffers) in the per-edge layout's order and blocks (see
+    ``fill_seeded_supernet``), for digests recorded with that layout."""
+    return list(network.per_edge_layout(dict(named)).values())
 
 
 def digest(tensors: Iterable[torch.Tensor]) -> List[float]:

@@ -181,6 +181,7 @@ class SmoothKinks(TorchFunctionMode):
 
 # -- 1. second order against double backward -----------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("location", ["after_every", "end", "double_mixed"])
 def test_second_order_gradient_matches_double_backward(location, float64):
     network, optimizer, train, valid = _searched_network(location)
@@ -212,6 +213,7 @@ def test_second_order_gradient_matches_double_backward(location, float64):
         assert error < 0.01 * momentum_part, f"{error:.2e} against momentum's {momentum_part:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unrolled", [False, True], ids=["first_order", "second_order"])
 def test_recomputed_cells_give_the_same_architecture_gradient(unrolled, float64):
     """train_search.py recomputes cells in backward by default: every pass of the
@@ -325,6 +327,7 @@ def test_dataparallel_wrapped_model_gives_the_same_gradients(float64):
 BF16 = Precision(True, "bfloat16", CPU)
 
 
+@pytest.mark.slow
 def test_bfloat16_second_order_step(monkeypatch):
     """Under --amp (bfloat16 autocast around the search step) the second-order step
     computes in float32: its hypergradient is the float32 one up to float32 rounding,

@@ -133,6 +133,7 @@ def reported(stdout: str, label: str) -> int:
     return int(re.search(rf"^{label}\s+([\d,]+)", stdout, re.M).group(1).replace(",", ""))
 
 
+@pytest.mark.slow
 def test_script_reports_the_counts_of_the_network(tmp_path):
     result = run_ok("cost.py", "--arch", "DARTS_V2", *SMALL)
     model = NetworkCIFAR(4, 10, 3, False, genotypes.DARTS_V2)
@@ -152,6 +153,7 @@ def test_script_reports_the_counts_of_the_network(tmp_path):
     assert "the auxiliary head has" in result.stdout
 
 
+@pytest.mark.slow
 def test_script_on_imagenet_says_whether_the_mobile_setting_fits():
     result = run_ok("cost.py", "--arch", "Att_DARTS", "--dataset", "imagenet", *SMALL)
     model = NetworkImageNet(4, 1000, 3, False, genotypes.Att_DARTS)
@@ -167,5 +169,6 @@ def test_script_on_imagenet_says_whether_the_mobile_setting_fits():
     (["--batch", "0"], "--batch must be at least 1"),
     (["--dataset", "imagenet", "--init_ch", "5"], "--init_ch must be even on imagenet"),
 ])
+@pytest.mark.slow
 def test_bad_input_gives_one_line(flags, message):
     assert message in one_line_error(run_script("cost.py", *flags))

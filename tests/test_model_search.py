@@ -488,6 +488,7 @@ def _graph_nodes(tensor):
     return {type(node).__name__ for node in seen}
 
 
+@pytest.mark.slow
 def test_recomputed_cells_differentiate_substituted_parameters():
     """The architect runs the network on virtual/perturbed weights through
     functional_call; backward must recompute with those tensors, not the module's."""

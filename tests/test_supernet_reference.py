@@ -6,7 +6,9 @@ procedure below with that commit's code).
 
 Weights come from ``reference_values.fill_seeded`` (every state entry, BN statistics
 included, drawn from its own seed, so sibling edges hold different statistics and
-an eval forward would notice whose were used).  Recorded and recomputed values
+an eval forward would notice whose were used), applied to the per-edge layout of
+that commit and loaded through the network's conversion; digests take the tensors
+in that layout's order (``per_edge_order``).  Recorded and recomputed values
 differ only in the order of float64 operations: 1e-8 relative is far above that and
 far below any change of the math."""
 from typing import Any, Dict
@@ -17,7 +19,8 @@ import torch.nn as nn
 
 from architect import Architect
 from model_search import Network
-from reference_values import assert_close, digest, fill_seeded, load_reference
+from reference_values import (assert_close, digest, fill_seeded_supernet, load_reference,
+                              per_edge_order)
 
 REFERENCE = load_reference("supernet_reference")
 LOCATIONS = [name for name in REFERENCE if name != "about"]
@@ -39,19 +42,21 @@ def _check(location: str, recompute: bool, with_momentum: bool) -> None:
     recorded: Dict[str, Any] = REFERENCE[location]
     network = Network(C, 10, LAYERS, nn.CrossEntropyLoss(), location, image_size=SIZE,
                       recompute=recompute).double()
-    fill_seeded(network)
+    fill_seeded_supernet(network)
     network.train()
     initial = {k: v.clone() for k, v in network.state_dict().items()}
     (x_train, y_train), (x_valid, y_valid) = _batch(1), _batch(2)
     where = f"{location}{' recomputed' if recompute else ''}"
 
     logits = network(x_train)
-    weights = [p for _, p in network.named_weights()]
-    grads = torch.autograd.grad(network.criterion(logits, y_train), weights + network.arch_parameters())
+    names, weights = zip(*network.named_weights())
+    grads = torch.autograd.grad(network.criterion(logits, y_train), list(weights) + network.arch_parameters())
     assert_close(logits.tolist(), recorded["logits"], where=f"{where}: logits")
-    assert_close(digest(grads[:len(weights)]), recorded["weight_grads"], where=f"{where}: weight gradients")
+    assert_close(digest(per_edge_order(network, zip(names, grads))), recorded["weight_grads"],
+                 where=f"{where}: weight gradients")
     assert_close(_as_lists(grads[len(weights):]), recorded["arch_grads"], where=f"{where}: architecture gradients")
-    statistics = [b for name, b in network.named_buffers() if "running" in name]
+    buffers = network.per_edge_layout(dict(network.named_buffers()))
+    statistics = [b for name, b in buffers.items() if "running" in name]
     assert_close(digest(statistics), recorded["running_stats"], where=f"{where}: BN running statistics")
 
     network.load_state_dict(initial)
@@ -67,7 +72,8 @@ def _check(location: str, recompute: bool, with_momentum: bool) -> None:
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    assert_close(digest(network.weights()), recorded["after_weight_step"], where=f"{where}: weight step")
+    assert_close(digest(per_edge_order(network, network.named_weights())), recorded["after_weight_step"],
+                 where=f"{where}: weight step")
     if with_momentum:
         assert_close(_as_lists(architect.second_order_gradient(x_train, y_train, x_valid, y_valid, LR)),
                      recorded["second_order_with_momentum"],
@@ -93,6 +99,7 @@ def test_supernet_matches_the_recorded_values(location):
     _check(location, recompute=False, with_momentum=location == "after_every")
 
 
+@pytest.mark.slow
 def test_recomputed_supernet_matches_the_recorded_values():
     """The paper's location, cells recomputed in backward (the default); the other
     locations' recomputation is compared with their plain forward in float64 by

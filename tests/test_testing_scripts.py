@@ -27,6 +27,7 @@ def _test(cifar: Path, path: Path, *flags: str):
     return run_script("test_CIFAR10.py", "--data", str(cifar), "--model_path", str(path), *TINY, *flags)
 
 
+@pytest.mark.slow
 def test_published_layouts_load_and_agree(cifar, weights, tmp_path):
     """Bare (as trained.pt), DataParallel's 'module.' prefix saved by an old PyTorch
     (the original release's format), and {'state_dict': ...}."""
@@ -56,6 +57,7 @@ def test_a_checkpoint_that_does_not_fit_names_the_first_differing_key(cifar, wei
     assert "unexpected key 'auxiliary_head." in error
 
 
+@pytest.mark.slow
 def test_files_that_are_no_checkpoint_give_one_line(cifar, tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
