@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.side_by_side import (COUNT_BATCH, add_side_by_side_flags, count_original,  # noqa: E402
                                 figure, find_baseline, machine, median_seconds, original,
-                                peak_rss_mb, project, ratio)
+                                peak_rss_mb, project, ratio, run_one)
 from cuda_graphs import add_cuda_graph_flag  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -151,22 +151,6 @@ def profile_iteration(config: Dict) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
-def run_one(config: Dict) -> Dict:
-    """Time and/or count one project configuration in this process (counting last: its
-    CPU network must not show in the timed run's peak memory)."""
-    import torch
-
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
-    if config.get("profile"):
-        profile_iteration(config)
-        return {}
-    result = time_iterations(config) if config["time"] else {}
-    if config["count"]:
-        result["ops"] = count_iteration(config)
-    return result
-
-
 def resolved(args: argparse.Namespace) -> Dict:
     """The configuration's flags as train_search.py resolves them on ``--device``."""
     import torch
@@ -234,13 +218,14 @@ def row(key: Tuple[str, int, int], label: str, mine: Dict, theirs: Optional[Dict
 
 def main() -> None:
     args = parser.parse_args()
+    measures = (profile_iteration, time_iterations, count_iteration)
     if args.one:
-        print(json.dumps(run_one(json.loads(args.one))))
+        print(json.dumps(run_one(json.loads(args.one), *measures)))
         return
     configs = [(label, v, resolved(v)) for label, v in variants(args)]
     if args.profile:
         run_one({**configs[0][2], "location": args.locations[0], "batch": args.batch[0], "order": 2,
-                 "profile": True})
+                 "profile": True}, *measures)
         return
     baseline = find_baseline(args.baseline) if args.with_original else None
     timed_baseline = None if args.count_only else baseline

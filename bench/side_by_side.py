@@ -147,3 +147,21 @@ def median_seconds(step: Callable[[], None], warmup: int, steps: int) -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_one(config: Dict, profile: Callable[[Dict], None], time: Callable[[Dict], Dict],
+            count: Callable[[Dict], int]) -> Dict:
+    """Time and/or count one project configuration in this process (counting last: its
+    CPU network must not show in the timed run's peak memory); ``profile`` instead when
+    the configuration asks for it."""
+    import torch
+
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    if config.get("profile"):
+        profile(config)
+        return {}
+    result = time(config) if config["time"] else {}
+    if config["count"]:
+        result["ops"] = count(config)
+    return result

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.side_by_side import (COUNT_BATCH, add_side_by_side_flags, count_original,  # noqa: E402
                                 figure, find_baseline, machine, median_seconds, original,
-                                peak_rss_mb, project, ratio)
+                                peak_rss_mb, project, ratio, run_one)
 from cuda_graphs import add_cuda_graph_flag  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -151,22 +151,6 @@ def profile_step(config: Dict) -> None:
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
-def run_one(config: Dict) -> Dict:
-    """Time and/or count the project's step in this process (counting last: its CPU
-    network must not show in the timed run's peak memory)."""
-    import torch
-
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
-    if config.get("profile"):
-        profile_step(config)
-        return {}
-    result = time_steps(config) if config["time"] else {}
-    if config["count"]:
-        result["ops"] = count_step(config)
-    return result
-
-
 def resolved(args: argparse.Namespace) -> Dict:
     """The configuration's flags as the training scripts resolve them on ``--device``."""
     import torch
@@ -234,12 +218,13 @@ def row(batch: int, label: str, mine: Dict, theirs: Optional[Dict], their_ops: O
 
 def main() -> None:
     args = parser.parse_args()
+    measures = (profile_step, time_steps, count_step)
     if args.one:
-        print(json.dumps(run_one(json.loads(args.one))))
+        print(json.dumps(run_one(json.loads(args.one), *measures)))
         return
     configs = variants(args)
     if args.profile:
-        run_one({**configs[0][1], "profile": True})
+        run_one({**configs[0][1], "profile": True}, *measures)
         return
     baseline = find_baseline(args.baseline) if args.with_original else None
     timed_baseline = None if args.count_only else baseline
