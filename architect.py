@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from model_search import Network
-from recompute import batch_norms, batch_statistics_only
-from parallel import all_reduce_mean_, broadcast_, unwrap
+from runtime.recompute import batch_norms, batch_statistics_only
+from runtime.parallel import all_reduce_mean_, broadcast_, unwrap
 
 Tensors = Dict[str, torch.Tensor]
 

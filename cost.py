@@ -5,7 +5,7 @@
     python cost.py --arch_path exp/train_search-.../genotype.json --batch 96
 
 Parameters leave out the auxiliary head; MACs count convolutions, linear layers
-and matrix products per image (see complexity.py); memory and latency are
+and matrix products per image (see runtime/complexity.py); memory and latency are
 measured on the chosen device in eval mode without gradients.
 """
 import argparse
@@ -13,10 +13,10 @@ from typing import Optional
 
 import torch
 
-import complexity
+from runtime import complexity
 import genotypes
-import training
-from errors import UserError, run_cli
+from runtime import training
+from runtime.errors import UserError, run_cli
 
 # dataset: (classes, image side, the training scripts' defaults)
 DATASETS = {

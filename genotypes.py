@@ -15,8 +15,8 @@ import json
 from collections import namedtuple
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from atomic import atomic_write_text
-from errors import UserError
+from runtime.atomic import atomic_write_text
+from runtime.errors import UserError
 
 Genotype = namedtuple(
     "Genotype",

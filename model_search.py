@@ -22,7 +22,7 @@ from torch.func import functional_call
 from attentions import ATTENTIONS, build_attention
 from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
 from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, halve
-from recompute import BATCH_NORMS, RecomputedPart
+from runtime.recompute import BATCH_NORMS, RecomputedPart
 
 
 class AttLocation(enum.Enum):
@@ -296,7 +296,7 @@ class Network(nn.Module):
 
     ``recompute=True`` keeps only the inputs of each part of a cell (preprocessings,
     the edges leaving each state, cell end) during a training forward and recomputes
-    the part in backward (``RecomputedPart``, recompute.py): the same gradients for far
+    the part in backward (``RecomputedPart``, runtime/recompute.py): the same gradients for far
     less memory (1.4 GB instead of about 4 GB for a second-order step at batch 16,
     after_every), at the price of one more forward pass."""
 

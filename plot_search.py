@@ -30,10 +30,10 @@ import matplotlib
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from errors import UserError, run_cli
-from figures import (attention_names, epoch_labels, new_figure, plot_attention, plot_curves,
+from runtime.errors import UserError, run_cli
+from runtime.figures import (attention_names, epoch_labels, new_figure, plot_attention, plot_curves,
                      plot_diagnostics, save_figure)
-from history import HISTORY
+from runtime.history import HISTORY
 
 CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # NaN: epoch without it
 _PARAM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -4,8 +4,8 @@
 """
 import argparse
 
-import training
-from errors import run_cli
+from runtime import training
+from runtime.errors import run_cli
 
 parser = argparse.ArgumentParser(description="Report the top-1 accuracy and error of trained "
                                              "weights on the CIFAR-100 test split.")

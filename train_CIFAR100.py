@@ -7,9 +7,9 @@ import argparse
 
 import torch.nn as nn
 
-import training
-from errors import run_cli
-from experiment import cosine_schedule
+from runtime import training
+from runtime.errors import run_cli
+from runtime.experiment import cosine_schedule
 
 parser = argparse.ArgumentParser(description="Train a final Att-DARTS network on CIFAR-100 from "
                                              "scratch; the run ends by testing trained.pt.")

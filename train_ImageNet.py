@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import StepLR
 
-import training
-from errors import run_cli
+from runtime import training
+from runtime.errors import run_cli
 
 parser = argparse.ArgumentParser(description="Train a final Att-DARTS network on ImageNet from "
                                              "scratch; the run ends by testing trained.pt on val/.")

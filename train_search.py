@@ -1,5 +1,5 @@
 """Architecture search: learn which operation and attention every cell edge uses
-(the search itself is searching.py).
+(the search itself is runtime/searching.py).
 
     python train_search.py --unrolled            # second order, attention after every op
     python train_search.py --location end        # first order, one attention per cell
@@ -11,11 +11,11 @@ checkpoint.pt (resume with --checkpoint_path).
 """
 import argparse
 
-import searching
-from cuda_graphs import add_cuda_graph_flag
-from errors import run_cli
+from runtime import searching
+from runtime.cuda_graphs import add_cuda_graph_flag
+from runtime.errors import run_cli
 from model_search import AttLocation
-from precision import add_precision_flags
+from runtime.precision import add_precision_flags
 
 parser = argparse.ArgumentParser(
     description="Att-DARTS architecture search on CIFAR (or an image folder).",

@@ -10,7 +10,7 @@ from typing import List, Sequence, Tuple
 
 import graphviz
 
-from errors import UserError, run_cli
+from runtime.errors import UserError, run_cli
 from genotypes import NAMED_GENOTYPES, Genotype, load_genotype
 
 parser = argparse.ArgumentParser(

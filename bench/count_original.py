@@ -45,7 +45,7 @@ Step = Callable[[Tuple], None]
 def load_op_counter() -> type:
     """The project's OpCounter, loaded from its file: the project's folder must stay off
     sys.path, where its modules would shadow the original's of the same names."""
-    spec = importlib.util.spec_from_file_location("dispatch", os.path.join(REPO, "dispatch.py"))
+    spec = importlib.util.spec_from_file_location("dispatch", os.path.join(REPO, "runtime", "dispatch.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.OpCounter

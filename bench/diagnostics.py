@@ -33,14 +33,14 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import curvature  # noqa: E402
+from runtime import curvature  # noqa: E402
 import train_search  # noqa: E402
 from architect import Architect  # noqa: E402
-from diagnostics import describe, epoch_diagnostics, scalars  # noqa: E402
-from metrics import Metrics  # noqa: E402
+from runtime.diagnostics import describe, epoch_diagnostics, scalars  # noqa: E402
+from runtime.metrics import Metrics  # noqa: E402
 from model_search import Network  # noqa: E402
-from precision import Precision, memory_format, resolve_channels_last  # noqa: E402
-from searching import search_step  # noqa: E402
+from runtime.precision import Precision, memory_format, resolve_channels_last  # noqa: E402
+from runtime.searching import search_step  # noqa: E402
 
 DEFAULTS = train_search.parser.parse_args([])
 CIFAR10_WEIGHT_HALF = 25_000

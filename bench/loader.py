@@ -26,10 +26,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import data  # noqa: E402
-from errors import UserError, run_cli  # noqa: E402
-from experiment import to_device  # noqa: E402
-from parallel import Runtime  # noqa: E402
+from runtime import data  # noqa: E402
+from runtime.errors import UserError, run_cli  # noqa: E402
+from runtime.experiment import to_device  # noqa: E402
+from runtime.parallel import Runtime  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.side_by_side import (COUNT_BATCH, add_side_by_side_flags, count_original,  # noqa: E402
                                 figure, find_baseline, machine, median_seconds, original,
                                 peak_rss_mb, project, ratio, run_one)
-from cuda_graphs import add_cuda_graph_flag  # noqa: E402
+from runtime.cuda_graphs import add_cuda_graph_flag  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -78,10 +78,10 @@ def build(config: Dict, device_name: str, batch: int, graphs: bool) -> Step:
     import torch
     import torch.nn as nn
     from architect import Architect
-    from cuda_graphs import StepGraph
+    from runtime.cuda_graphs import StepGraph
     from model_search import Network
-    from precision import Precision, memory_format
-    from searching import search_step
+    from runtime.precision import Precision, memory_format
+    from runtime.searching import search_step
 
     torch.manual_seed(0)
     device = torch.device(device_name)
@@ -132,7 +132,7 @@ def time_iterations(config: Dict) -> Dict:
 
 def count_iteration(config: Dict) -> int:
     """ATen ops of one eager iteration on the CPU at batch 2, after a warm-up one."""
-    from dispatch import OpCounter
+    from runtime.dispatch import OpCounter
 
     step = build(config, "cpu", COUNT_BATCH, graphs=False)
     step()
@@ -154,9 +154,9 @@ def profile_iteration(config: Dict) -> None:
 def resolved(args: argparse.Namespace) -> Dict:
     """The configuration's flags as train_search.py resolves them on ``--device``."""
     import torch
-    from cuda_graphs import use_cuda_graphs
-    from precision import resolve_channels_last
-    from searching import resolve_recompute
+    from runtime.cuda_graphs import use_cuda_graphs
+    from runtime.precision import resolve_channels_last
+    from runtime.searching import resolve_recompute
 
     device = torch.device(args.device)
     return {"init_ch": args.init_ch, "layers": args.layers, "steps": args.steps,

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.side_by_side import (COUNT_BATCH, add_side_by_side_flags, count_original,  # noqa: E402
                                 figure, find_baseline, machine, median_seconds, original,
                                 peak_rss_mb, project, ratio, run_one)
-from cuda_graphs import add_cuda_graph_flag  # noqa: E402
+from runtime.cuda_graphs import add_cuda_graph_flag  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -65,11 +65,11 @@ def build(config: Dict, device_name: str, batch: int, graphs: bool) -> Tuple[Ste
     ``graphs``); and the network, whose mode the caller sets."""
     import torch
     import torch.nn as nn
-    import training
-    from cuda_graphs import StepGraph
+    from runtime import training
+    from runtime.cuda_graphs import StepGraph
     from genotypes import Att_DARTS
     from model import NetworkCIFAR
-    from precision import Precision, memory_format
+    from runtime.precision import Precision, memory_format
 
     torch.manual_seed(0)
     device = torch.device(device_name)
@@ -130,7 +130,7 @@ def time_steps(config: Dict) -> Dict:
 
 def count_step(config: Dict) -> int:
     """ATen ops of one eager training step on the CPU at batch 2, after a warm-up one."""
-    from dispatch import OpCounter
+    from runtime.dispatch import OpCounter
 
     train, _, network = build(config, "cpu", COUNT_BATCH, graphs=False)
     network.train()
@@ -154,7 +154,7 @@ def profile_step(config: Dict) -> None:
 def resolved(args: argparse.Namespace) -> Dict:
     """The configuration's flags as the training scripts resolve them on ``--device``."""
     import torch
-    from cuda_graphs import use_cuda_graphs
+    from runtime.cuda_graphs import use_cuda_graphs
 
     return {"batch": args.batch, "steps": args.steps, "warmup": args.warmup,
             "init_ch": args.init_ch, "layers": args.layers, "threads": args.threads,

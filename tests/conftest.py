@@ -1,18 +1,14 @@
-"""Shared test setup: the repository root on sys.path and the ../shared folder.
+"""Shared test setup: the ../shared folder (pytest.ini puts the repository root on sys.path).
 
 Tests needing files from ../shared take one of the fixtures below; they skip
 (with the reason) when the folder or file is absent.
 """
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _require(path: Path, what: str) -> Path:

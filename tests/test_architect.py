@@ -17,8 +17,8 @@ from torch.overrides import TorchFunctionMode, resolve_name
 
 from architect import Architect
 from model_search import Network
-from precision import Precision
-from searching import search_step
+from runtime.precision import Precision
+from runtime.searching import search_step
 
 CPU = torch.device("cpu")
 SIZE = 16          # image side: the supernet builds its attentions for it

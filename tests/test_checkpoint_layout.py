@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from attentions import ATTENTIONS
-from experiment import load_state_dict_checked
+from runtime.experiment import load_state_dict_checked
 from genotypes import Genotype
 from model import NetworkCIFAR, NetworkImageNet, upgrade_state_dict
 from operations import FactorizedReduce, Identity

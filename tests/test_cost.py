@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import complexity
+from runtime import complexity
 import genotypes
 from genotypes import Genotype
 from model import NetworkCIFAR, NetworkImageNet

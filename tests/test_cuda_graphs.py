@@ -11,13 +11,13 @@ import torch
 import torch.nn as nn
 
 from architect import Architect
-from cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
+from runtime.cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
-from precision import Precision
-from searching import resolve_recompute, search_step
-from training import train_step
+from runtime.precision import Precision
+from runtime.searching import resolve_recompute, search_step
+from runtime.training import train_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import curvature
+from runtime import curvature
 from model_search import Network
 
 
@@ -92,7 +92,7 @@ def test_the_eigenvalue_changes_nothing_in_the_search():
 
 
 def test_fixed_subset_is_the_same_every_time_and_shared_out_among_processes():
-    from parallel import Runtime
+    from runtime.parallel import Runtime
 
     class Noisy(torch.utils.data.Dataset):
         """Images drawn from the global random state, as augmentation would."""

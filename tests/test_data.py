@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-import data
-from parallel import Runtime
+from runtime import data
+from runtime.parallel import Runtime
 
 RUNTIME = Runtime(torch.device("cpu"))
 IMAGES, BATCH = 10, 4  # 2 batches per pass (drop_last), 2 images left out of each pass

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-import data
-from dispatch import HostSyncGuard
-from parallel import Runtime
+from runtime import data
+from runtime.dispatch import HostSyncGuard
+from runtime.parallel import Runtime
 
 # Small tensors: one thread is as fast, and immune to the thread contention of a loaded machine.
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from diagnostics import (attention_counts, changed_edges, describe, epoch_diagnostics, row_entropy,
+from runtime.diagnostics import (attention_counts, changed_edges, describe, epoch_diagnostics, row_entropy,
                          scalars)
-from early_stop import EarlyStop
-from errors import UserError
+from runtime.early_stop import EarlyStop
+from runtime.errors import UserError
 from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
-from metrics import Metrics, heatmap_image
+from runtime.metrics import Metrics, heatmap_image
 from model_search import Network
 
 CONCAT = [2, 3, 4, 5]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import StepLR
 
-import experiment
-from errors import UserError
+from runtime import experiment
+from runtime.errors import UserError
 
 
 def test_topk_correct_counts_targets_among_the_top_k():

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model_search import MixedOp, Network, SearchCell, SEARCH_SPACES, AttLocation
-from recompute import batch_statistics_only
+from runtime.recompute import batch_statistics_only
 from operations import DepthwiseConv2d, DepthwiseConvolution
 
 # (kernel, dilation, stride): every depthwise convolution of the search space and

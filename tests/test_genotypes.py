@@ -4,7 +4,7 @@ import json
 import pytest
 
 import genotypes
-from errors import UserError
+from runtime.errors import UserError
 from genotypes import Genotype, NAMED_GENOTYPES, load_genotype, save_genotype
 
 

@@ -12,14 +12,14 @@ import torch
 import torch.nn as nn
 
 from architect import Architect
-from dispatch import HostSyncError, HostSyncGuard, OpCounter
-from experiment import EpochMetrics
+from runtime.dispatch import HostSyncError, HostSyncGuard, OpCounter
+from runtime.experiment import EpochMetrics
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
-from precision import Precision
-from searching import search_step
-from training import train_step
+from runtime.precision import Precision
+from runtime.searching import search_step
+from runtime.training import train_step
 
 CPU = torch.device("cpu")
 

@@ -14,16 +14,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-import data
-import searching
-import training
+from runtime import data
+from runtime import searching
+from runtime import training
 from architect import Architect
-from experiment import RunLog
+from runtime.experiment import RunLog
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
-from parallel import Runtime
-from precision import Precision
+from runtime.parallel import Runtime
+from runtime.precision import Precision
 from reference_values import (assert_close, digest, fill_seeded, fill_seeded_supernet,
                               load_reference, per_edge_order)
 

@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import complexity
+from runtime import complexity
 import genotypes
 import model as model_module
-import experiment
+from runtime import experiment
 from genotypes import Genotype
 from model import Cell, NetworkCIFAR, NetworkImageNet
-from errors import UserError
+from runtime.errors import UserError
 
 ATT_DARTS_CIFAR_PARAMS = 3_231_343
 

@@ -5,14 +5,12 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
-from genotypes import ATTN_PRIMITIVES, PRIMITIVES  # noqa: E402
+from genotypes import ATTN_PRIMITIVES, PRIMITIVES
 
 EDGES = 14
 MIXED = PRIMITIVES + [name for name in ATTN_PRIMITIVES if name != "Identity"]  # 13 candidates
@@ -145,7 +143,7 @@ def test_malformed_line(tmp_path):
 
 def test_empty_history(tmp_path):
     import plot_search
-    from errors import UserError
+    from runtime.errors import UserError
 
     path = tmp_path / "arch_history.jsonl"
     path.write_text("\n")
@@ -155,7 +153,7 @@ def test_empty_history(tmp_path):
 
 def test_inconsistent_shapes_is_user_error(tmp_path):
     import plot_search
-    from errors import UserError
+    from runtime.errors import UserError
 
     records = _history(2, PRIMITIVES, ATTN_PRIMITIVES)
     records[1]["arch"]["alphas_normal"] = records[1]["arch"]["alphas_normal"][:5]

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from complexity import count_macs
-from diagnostics import changed_edges
+from runtime.complexity import count_macs
+from runtime.diagnostics import changed_edges
 from genotypes import Att_DARTS, genotype_from_dict, load_genotype
 from model import NetworkCIFAR
 from training_helpers import (REPO, TINY, mini_cifar, only_run_dir, run_script, script_env,
@@ -226,9 +226,9 @@ def test_skip_rule_with_second_order_amp_and_recomputed_cells(runs):
     (["--hessian_every", "-1"], "--hessian_every"),
 ])
 def test_bad_flags_are_one_line_errors_before_anything_starts(folder, tmp_path, flags, needle):
-    import searching
+    from runtime import searching
     import train_search
-    from errors import UserError
+    from runtime.errors import UserError
 
     args = train_search.parser.parse_args(_flags(folder, tmp_path / "exp", 1, *flags))
     with pytest.raises(UserError, match=needle) as error:
@@ -264,7 +264,7 @@ def test_training_logs_its_macs_and_writes_metrics_csv(runs):
 
 @pytest.mark.slow
 def test_plot_search_draws_the_diagnostics(runs, tmp_path):
-    import figures
+    from runtime import figures
 
     history = _history(_resumed(runs))
     figures.plot_diagnostics(history, str(tmp_path / "diagnostics.png"))

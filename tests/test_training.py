@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import genotypes
-from data import ShardSampler
+from runtime.data import ShardSampler
 from model import NetworkCIFAR
-from parallel import Runtime
+from runtime.parallel import Runtime
 from training_helpers import (REPO, TINY, command, mini_cifar, one_line_error, only_run_dir,
                               random_image_folder, reported_accuracy, rng_entry, run_ok,
                               run_script, script_env, torchrun_command)

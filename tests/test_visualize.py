@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # tests/conftest.py may not exist yet
-    sys.path.insert(0, str(REPO))
 
 import visualize  # noqa: E402
 from genotypes import Att_DARTS, NAMED_GENOTYPES, save_genotype  # noqa: E402

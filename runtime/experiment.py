@@ -24,12 +24,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from tqdm import tqdm
 
-import parallel
-from atomic import atomic_write
-from errors import UserError
+from runtime import parallel
+from runtime.atomic import atomic_write
+from runtime.errors import UserError
 from genotypes import Genotype, genotype_to_dict
-from parallel import Runtime
-from precision import Precision, memory_format
+from runtime.parallel import Runtime
+from runtime.precision import Precision, memory_format
 
 CHECKPOINT = "checkpoint.pt"
 GENOTYPE = "genotype.json"

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from atomic import atomic_write_text
+from runtime.atomic import atomic_write_text
 
 METRICS = "metrics.csv"
 TENSORBOARD = "tensorboard"

@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import Dataset
 
 from model_search import Network
-from parallel import Runtime, all_reduce_mean_, broadcast_
-from recompute import batch_norms, batch_statistics_only
+from runtime.parallel import Runtime, all_reduce_mean_, broadcast_
+from runtime.recompute import batch_norms, batch_statistics_only
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 

@@ -28,20 +28,20 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset
 
-import data
-import parallel
-from complexity import count_macs, count_parameters
-from cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
-from errors import UserError
-from experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog, atomic_save,
+from runtime import data
+from runtime import parallel
+from runtime.complexity import count_macs, count_parameters
+from runtime.cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
+from runtime.errors import UserError
+from runtime.experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog, atomic_save,
                         checkpoint_file, evaluate, load_checkpoint, load_weights, progress,
                         restore, resumed_schedule, run_directory, run_epoch, save_checkpoint,
                         set_seed, weight_step)
 from genotypes import NAMED_GENOTYPES, Genotype, genotype_to_dict, resolve_genotype, save_genotype
-from metrics import Metrics
+from runtime.metrics import Metrics
 from model import NetworkCIFAR, NetworkImageNet
-from parallel import Runtime
-from precision import Precision, add_precision_flags, memory_format
+from runtime.parallel import Runtime
+from runtime.precision import Precision, add_precision_flags, memory_format
 
 CIFAR_DEFAULTS = dict(
     batchsz=96, lr=0.025, wd=3e-4, epochs=600, init_ch=36, layers=20, drop_path_prob=0.2, seed=2,

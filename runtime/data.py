@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
-from errors import UserError
-from parallel import Runtime
+from runtime.errors import UserError
+from runtime.parallel import Runtime
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -16,7 +16,7 @@ resumed search decides as an uninterrupted one.
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Sequence
 
-from errors import UserError
+from runtime.errors import UserError
 
 Summary = Dict[str, Any]
 

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Dict
 
-from atomic import atomic_write_text
+from runtime.atomic import atomic_write_text
 
 HISTORY = "arch_history.jsonl"
 

@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from atomic import atomic_write
+from runtime.atomic import atomic_write
 
 _METRICS = ("train_acc", "valid_acc", "train_loss", "valid_loss", "lr")
 

@@ -30,25 +30,25 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset
 
-import curvature
-import data
-import parallel
+from runtime import curvature
+from runtime import data
+from runtime import parallel
 from architect import Architect
-from complexity import count_parameters
-from cuda_graphs import StepGraph, use_cuda_graphs
-from diagnostics import describe, epoch_diagnostics, scalars
-from early_stop import EarlyStop
-from errors import UserError
-from experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint_file,
+from runtime.complexity import count_parameters
+from runtime.cuda_graphs import StepGraph, use_cuda_graphs
+from runtime.diagnostics import describe, epoch_diagnostics, scalars
+from runtime.early_stop import EarlyStop
+from runtime.errors import UserError
+from runtime.experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint_file,
                         cosine_schedule, evaluate, load_checkpoint, progress, restore,
                         resumed_schedule, run_directory, run_epoch, save_checkpoint, set_seed,
                         to_device, weight_step)
 from genotypes import Genotype, genotype_from_dict, genotype_to_dict, save_genotype
-from history import record_epoch
-from metrics import Metrics, heatmap_image
+from runtime.history import record_epoch
+from runtime.metrics import Metrics, heatmap_image
 from model_search import AttLocation, Network
-from parallel import Runtime
-from precision import Precision, memory_format, resolve_channels_last
+from runtime.parallel import Runtime
+from runtime.precision import Precision, memory_format, resolve_channels_last
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 # Set to 1: each process prints a hash of the architecture after every search step.

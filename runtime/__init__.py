@@ -1,0 +1,12 @@
+"""The machinery the scripts run on: the search and training loops, data and
+loaders, devices and precision, CUDA graphs, checkpoints and run directories,
+metrics, diagnostics and cost counting.
+
+The search space and the networks a researcher edits (operations, attentions,
+genotypes, model_search, model, architect) live at the repository root, next to
+the scripts.  Inside this package, the run mechanics (atomic, errors, parallel,
+precision, cuda_graphs, dispatch, recompute, data, experiment, metrics, history,
+figures, complexity, early_stop) know no network class; the loops (searching,
+training) and what they measure of a supernet (curvature, diagnostics) build on
+the root's networks.  Nothing here imports a script.
+"""
