@@ -131,6 +131,67 @@ class MixedOp(nn.Module):
         return out
 
 
+class EdgeLayout:
+    """Where a cell's edges sit, in the two orders the code needs.
+
+    Edges are numbered node by node (node i's edge from state j is ``offset(i) + j``):
+    the order of the architecture rows, the genotype and per-edge checkpoints.  The
+    cell runs state by state: ``edges_leaving[j]`` are the edges leaving state j, in
+    the order of the nodes they lead to (``targets[j]``), and ``order`` lists every
+    edge in that run order (``rows[j]`` is state j's slice of it).
+
+    It also converts checkpoints between the per-edge layout of earlier versions
+    (``_ops.{edge}``, one MixedOp per edge) and the per-state one (``_ops_from.{j}``)."""
+
+    def __init__(self, steps: int):
+        offsets = [sum(2 + k for k in range(i)) for i in range(steps)]
+        self.num_edges = sum(2 + i for i in range(steps))
+        self.targets = [list(range(max(0, j - 1), steps)) for j in range(steps + 1)]
+        self.edges_leaving = [[offsets[i] + j for i in targets]
+                              for j, targets in enumerate(self.targets)]
+        self.order = [e for edges in self.edges_leaving for e in edges]
+        bounds = [0]
+        for edges in self.edges_leaving:
+            bounds.append(bounds[-1] + len(edges))
+        self.rows = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+    def state_of(self, edge: int) -> int:
+        """The state edge ``edge`` leaves."""
+        return next(j for j, edges in enumerate(self.edges_leaving) if edge in edges)
+
+    def group_per_edge(self, state_dict: Dict[str, torch.Tensor], prefix: str) -> None:
+        """Rewrite a per-edge checkpoint's ``_ops.{edge}``/``_attns.{edge}`` entries under
+        ``prefix`` into the per-state ``_ops_from.{state}``/``_attns_from.{state}`` ones,
+        in place."""
+        pattern = re.compile(re.escape(prefix) + r"(_ops|_attns)\.(\d+)\.(.*)")
+        per_edge = {}
+        for key in [k for k in state_dict if pattern.fullmatch(k)]:
+            kind, edge, rest = pattern.fullmatch(key).groups()
+            per_edge[kind, int(edge), rest] = state_dict.pop(key)
+        for kind, edge, rest in list(per_edge):
+            state = self.state_of(edge)
+            if edge != self.edges_leaving[state][0]:
+                continue
+            tensors = [per_edge[kind, e, rest] for e in self.edges_leaving[state]]
+            # num_batches_tracked: one counter for the state's edges (they count alike).
+            state_dict[f"{prefix}{kind}_from.{state}.{rest}"] = (
+                tensors[0] if tensors[0].dim() == 0 else torch.cat(tensors))
+
+    def per_edge_entries(self, kind: str, by_state: Dict[int, Dict[str, torch.Tensor]],
+                         prefix: str) -> Dict[str, torch.Tensor]:
+        """The entries ``{state: {name inside _ops_from.{state}: tensor}}`` of ``kind``
+        (``_ops`` or ``_attns``) under the per-edge names, edge by edge: each edge's
+        block (views), counters repeated."""
+        entries = {}
+        for edge in range(self.num_edges):
+            state = self.state_of(edge)
+            position, count = self.edges_leaving[state].index(edge), len(self.edges_leaving[state])
+            for rest, tensor in by_state.get(state, {}).items():
+                entries[f"{prefix}{kind}.{edge}.{rest}"] = (
+                    tensor if tensor.dim() == 0 else tensor.unflatten(0, (count, -1))[position])
+        return entries
+
+
 class SearchCell(nn.Module):
     """A cell whose edges are MixedOps; its output concatenates the last
     ``multiplier`` intermediate nodes.
@@ -146,8 +207,7 @@ class SearchCell(nn.Module):
     State-dict layout: ``_ops_from.{j}`` holds the tensors of the edges leaving state
     j, stacked in the order of the nodes they lead to.  Checkpoints of the per-edge
     layout (``_ops.{edge}``, ``_attns.{edge}``, one MixedOp per edge, edges numbered
-    node by node) still load (``_load_from_state_dict``); ``per_edge_entries`` maps
-    back."""
+    node by node) still load; ``EdgeLayout`` converts them."""
 
     def __init__(self, space: SearchSpace, steps: int, multiplier: int, C_prev_prev: int,
                  C_prev: int, C: int, reduction: bool, reduction_prev: bool,
@@ -162,23 +222,14 @@ class SearchCell(nn.Module):
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
 
-        # Edges are numbered node by node; node i's edge from state j is offset(i) + j.
-        offsets = [sum(2 + k for k in range(i)) for i in range(steps)]
-        self._targets = [list(range(max(0, j - 1), steps)) for j in range(steps + 1)]
-        self._edges_leaving = [[offsets[i] + j for i in targets]
-                               for j, targets in enumerate(self._targets)]
+        self.layout = EdgeLayout(steps)
         # The edges' architecture weights in the order of the parts: state j's rows
-        # are _rows[j] of the reordered matrix.
-        order = [e for edges in self._edges_leaving for e in edges]
-        self.register_buffer("_order", torch.tensor(order), persistent=False)
-        bounds = [0]
-        for edges in self._edges_leaving:
-            bounds.append(bounds[-1] + len(edges))
-        self._rows = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        # are layout.rows[j] of the reordered matrix.
+        self.register_buffer("_order", torch.tensor(self.layout.order), persistent=False)
 
         self._ops_from = nn.ModuleList()
         self._attns_from = nn.ModuleList()
-        for j, edges in enumerate(self._edges_leaving):
+        for j, edges in enumerate(self.layout.edges_leaving):
             stride = 2 if reduction and j < 2 else 1
             self._ops_from.append(MixedOp(space.first_stage, C, stride, height, width, len(edges)))
             if space.second_stage is not None:
@@ -215,10 +266,10 @@ class SearchCell(nn.Module):
         nodes: List[Optional[torch.Tensor]] = [None] * self._steps
         for j in range(self._steps + 1):  # the last node leads nowhere
             part = functools.partial(SearchCell._edges_from, index=j)
-            rows = self._rows[j]
+            rows = self.layout.rows[j]
             contributions = run(part, self._part_modules[j], states[j], first[rows],
                                 None if second is None else second[rows])
-            for i, out in zip(self._targets[j], contributions.unbind(1)):
+            for i, out in zip(self.layout.targets[j], contributions.unbind(1)):
                 nodes[i] = out if nodes[i] is None else nodes[i] + out
             if j >= 1:
                 states.append(nodes[j - 1])  # its last edge comes from state j
@@ -234,7 +285,7 @@ class SearchCell(nn.Module):
         the order of the nodes they lead to: (B, edges, C, H, W)."""
         if index < 2:
             h = (self.preprocess0 if index == 0 else self.preprocess1)(h)
-        edges = len(self._edges_leaving[index])
+        edges = len(self.layout.edges_leaving[index])
         # Every edge's input side by side (cat keeps the memory format; repeat does not).
         out = self._ops_from[index](torch.cat([h] * edges, dim=1) if edges > 1 else h, first)
         if second is not None:
@@ -257,38 +308,10 @@ class SearchCell(nn.Module):
         norms = [members[name] for name in self._part_norms[tuple(modules)]]
         return RecomputedPart.apply(part, self, norms, names, len(inputs), *inputs, *params)
 
-    # -- the per-edge layout ------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Group a per-edge checkpoint's ``_ops.{edge}``/``_attns.{edge}`` entries into
-        this cell's ``_ops_from.{state}``/``_attns_from.{state}`` ones, then load."""
-        pattern = re.compile(re.escape(prefix) + r"(_ops|_attns)\.(\d+)\.(.*)")
-        per_edge = {}
-        for key in [k for k in state_dict if pattern.fullmatch(k)]:
-            kind, edge, rest = pattern.fullmatch(key).groups()
-            per_edge[kind, int(edge), rest] = state_dict.pop(key)
-        for kind, edge, rest in list(per_edge):
-            state = next(j for j, edges in enumerate(self._edges_leaving) if edge in edges)
-            if edge != self._edges_leaving[state][0]:
-                continue
-            tensors = [per_edge[kind, e, rest] for e in self._edges_leaving[state]]
-            # num_batches_tracked: one counter for the state's edges (they count alike).
-            state_dict[f"{prefix}{kind}_from.{state}.{rest}"] = (
-                tensors[0] if tensors[0].dim() == 0 else torch.cat(tensors))
+        """Load a per-edge checkpoint as well as a per-state one (see EdgeLayout)."""
+        self.layout.group_per_edge(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def per_edge_entries(self, kind: str, by_state: Dict[int, Dict[str, torch.Tensor]],
-                         prefix: str) -> Dict[str, torch.Tensor]:
-        """The entries ``{state: {name inside _ops_from.{state}: tensor}}`` of ``kind``
-        (``_ops`` or ``_attns``) under the per-edge names, edge by edge: each edge's
-        block (views), counters repeated."""
-        entries = {}
-        for edge in range(sum(len(edges) for edges in self._edges_leaving)):
-            state = next(j for j, edges in enumerate(self._edges_leaving) if edge in edges)
-            position, count = self._edges_leaving[state].index(edge), len(self._edges_leaving[state])
-            for rest, tensor in by_state.get(state, {}).items():
-                entries[f"{prefix}{kind}.{edge}.{rest}"] = (
-                    tensor if tensor.dim() == 0 else tensor.unflatten(0, (count, -1))[position])
-        return entries
 
 
 class Network(nn.Module):
@@ -399,7 +422,7 @@ class Network(nn.Module):
         weights, their gradients) under the per-edge layout of earlier versions, in its
         order: each cell's ``_ops.{edge}``/``_attns.{edge}`` in place of its
         ``_ops_from.{state}``/``_attns_from.{state}`` (edge blocks as views).  The
-        network loads that layout as its own (SearchCell._load_from_state_dict)."""
+        network loads that layout as its own (EdgeLayout)."""
         pattern = re.compile(r"(cells\.(\d+)\.)(_ops|_attns)_from\.(\d+)\.(.*)")
         out: Dict = {}
         for key, tensor in tensors.items():
@@ -414,7 +437,7 @@ class Network(nn.Module):
         for key, value in out.items():
             if isinstance(key, tuple):
                 prefix, cell, kind = key
-                result.update(self.cells[cell].per_edge_entries(kind, value, prefix))
+                result.update(self.cells[cell].layout.per_edge_entries(kind, value, prefix))
             else:
                 result[key] = value
         return result
@@ -439,37 +462,42 @@ class Network(nn.Module):
                     for name, p in self.named_arch_parameters().items()}
 
     def genotype(self) -> Genotype:
-        """Derive the discrete cell: per node the two strongest edges (ignoring `none`),
-        each with its best non-`none` first- and second-stage candidate."""
-        space = self.space
+        """The discrete cell these architecture weights stand for (``derive_genotype``)."""
+        with torch.no_grad():
+            weights = {kind: [w.detach().cpu() if w is not None else None
+                              for w in self._cell_weights(kind)] for kind in ("normal", "reduce")}
+        return derive_genotype(weights, self.space, self._steps, self._multiplier)
 
-        def parse(kind: str) -> List[Tuple[str, int, str]]:
-            first, second, _ = self._cell_weights(kind)
-            first = first.detach().cpu()
-            second = second.detach().cpu() if second is not None else None
-            gene = []
-            start = 0
-            for i in range(self._steps):
-                end = start + i + 2
-                rows = range(start, end)
-                edges = sorted(rows, key=lambda e: -best_candidate(first[e], space.first_stage)[1])[:2]
-                for e in edges:
-                    op = best_candidate(first[e], space.first_stage)[0]
-                    attention = best_candidate(second[e], space.second_stage)[0] if second is not None else ""
-                    gene.append((op, e - start, attention))
-                start = end
-            return gene
 
-        def bottleneck(kind: str) -> str:
-            _, _, cell_end = self._cell_weights(kind)
-            return best_candidate(cell_end.detach().cpu(), space.cell_end)[0] if cell_end is not None else ""
+def derive_genotype(weights: Dict[str, Sequence[Optional[torch.Tensor]]], space: SearchSpace,
+                    steps: int, multiplier: int) -> Genotype:
+    """The DARTS rule: per node the two strongest incoming edges (ignoring `none`), each
+    with its best non-`none` first- and second-stage candidate; the cell-end attention
+    is the best one.  ``weights[kind]`` holds the softmaxed (first, second, cell_end)
+    weights of ``kind`` ("normal" or "reduce"), edges numbered node by node."""
+    concat = list(range(2 + steps - multiplier, steps + 2))
+    cells = {kind: derive_edges(first, second, space, steps) for kind, (first, second, _) in weights.items()}
+    ends = {kind: best_candidate(cell_end, space.cell_end)[0] if cell_end is not None else ""
+            for kind, (_, _, cell_end) in weights.items()}
+    return Genotype(normal=cells["normal"], normal_concat=concat,
+                    reduce=cells["reduce"], reduce_concat=concat,
+                    normal_bottleneck=ends["normal"], reduce_bottleneck=ends["reduce"])
 
-        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
-        return Genotype(
-            normal=parse("normal"), normal_concat=concat,
-            reduce=parse("reduce"), reduce_concat=concat,
-            normal_bottleneck=bottleneck("normal"), reduce_bottleneck=bottleneck("reduce"),
-        )
+
+def derive_edges(first: torch.Tensor, second: Optional[torch.Tensor], space: SearchSpace,
+                 steps: int) -> List[Tuple[str, int, str]]:
+    """One cell's (operation, input, attention) per kept edge, node by node."""
+    gene = []
+    start = 0
+    for i in range(steps):
+        end = start + i + 2
+        strength = {e: best_candidate(first[e], space.first_stage)[1] for e in range(start, end)}
+        for e in sorted(strength, key=lambda e: -strength[e])[:2]:
+            op = best_candidate(first[e], space.first_stage)[0]
+            attention = best_candidate(second[e], space.second_stage)[0] if second is not None else ""
+            gene.append((op, e - start, attention))
+        start = end
+    return gene
 
 
 def best_candidate(weights: torch.Tensor, names: Sequence[str]) -> Tuple[str, float]:

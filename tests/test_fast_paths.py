@@ -81,7 +81,7 @@ def test_edges_leaving_a_state_keep_their_own_pooling_statistics():
     reference.load_state_dict(cell.state_dict())
     cell(s0, s1, first, second, None)
     poolings = ((0, nn.MaxPool2d(3, 1, 1)), (1, nn.AvgPool2d(3, 1, 1, count_include_pad=False)))
-    edges = len(cell._edges_leaving[1])  # the four edges leaving the cell input s1
+    edges = len(cell.layout.edges_leaving[1])  # the four edges leaving the cell input s1
     with torch.no_grad():
         h = reference.preprocess1(s1)
         for position, pool in poolings:
