@@ -16,11 +16,12 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import Queue
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from runtime.errors import UserError
 
@@ -69,6 +70,11 @@ class Outcome:
     command: str = ""
 
 
+# A launcher reports a job's Slurm id when submitted, and its outcome when it ends.
+Started = Callable[[Job, str], None]
+Finished = Callable[[Job, Outcome], None]
+
+
 def run_process(job: Job, env: Optional[Mapping[str, str]] = None) -> Outcome:
     """Run ``job`` to its end as a subprocess in the repository root, its output
     appended to its log."""
@@ -115,31 +121,34 @@ class LocalLauncher:
     def __init__(self) -> None:
         self.gpus = visible_gpus()
 
-    def run(self, jobs: Sequence[Job], on_start: Any = None) -> Dict[str, Outcome]:
+    def run(self, jobs: Sequence[Job], on_start: Started, on_done: Finished,
+            submitted_before: Optional[Mapping[str, str]] = None) -> None:
+        """Run ``jobs``, calling ``on_done(job, outcome)`` as each ends (one at a time)."""
         if not self.gpus:
-            outcomes = {}
             for job in jobs:
                 outcome = run_process(job)
                 outcome.devices = device_names([])
-                outcomes[job.name] = outcome
-            return outcomes
+                on_done(job, outcome)
+            return
         free: "Queue[str]" = Queue()
         for gpu in self.gpus:
             free.put(gpu)
+        lock = threading.Lock()
 
-        def run_on_a_gpu(job: Job) -> Outcome:
+        def run_on_a_gpu(job: Job) -> None:
             gpu = free.get()
             try:
                 # The visible index is this machine's; inside the job it is device 0.
                 outcome = run_process(job, {"CUDA_VISIBLE_DEVICES": gpu})
                 outcome.devices = device_names([self.gpus.index(gpu)])
-                return outcome
             finally:
                 free.put(gpu)
+            with lock:
+                on_done(job, outcome)
 
         with ThreadPoolExecutor(max_workers=len(self.gpus)) as pool:
-            futures = {job.name: pool.submit(run_on_a_gpu, job) for job in jobs}
-            return {name: future.result() for name, future in futures.items()}
+            for future in [pool.submit(run_on_a_gpu, job) for job in jobs]:
+                future.result()
 
 
 # -- Slurm -----------------------------------------------------------------------------------
@@ -158,6 +167,10 @@ def add_slurm_args(parser: argparse.ArgumentParser) -> None:
                        help="CPU cores per job, shared by its processes (default: %(default)s)")
     group.add_argument("--mem_gb", type=int, default=32, help="memory per job in GB "
                                                               "(default: %(default)s)")
+
+
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "COMPLETING"}
 
 
 class SlurmTask:
@@ -186,7 +199,9 @@ class SlurmTask:
                                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             return vars(Outcome(returncode, 0.0))
         outcome = run_process(self.job, env)
-        outcome.devices = device_names(range(gpu_count()))
+        # Slurm lists the GPUs it gave the job; without any, torch need not be imported.
+        outcome.devices = device_names(range(gpu_count()) if os.environ.get(
+            "CUDA_VISIBLE_DEVICES") else [])
         return vars(outcome)
 
     def checkpoint(self) -> Any:
@@ -219,7 +234,9 @@ class SlurmLauncher:
         tasks = max(1, options.gpus_per_job)
         parameters = dict(name=job.name, timeout_min=options.time, nodes=1,
                           tasks_per_node=tasks, cpus_per_task=max(1, options.cpus_per_job // tasks),
-                          mem_gb=options.mem_gb, slurm_signal_delay_s=120)
+                          mem_gb=options.mem_gb,
+                          # USR2 this long before the limit: submitit requeues the job.
+                          slurm_signal_delay_s=min(120, 15 * options.time))
         if options.gpus_per_job > 0:
             parameters["gpus_per_node"] = options.gpus_per_job
         if options.partition:
@@ -227,22 +244,37 @@ class SlurmLauncher:
         executor.update_parameters(**parameters)
         return executor
 
-    def run(self, jobs: Sequence[Job], on_start: Any = None) -> Dict[str, Outcome]:
-        """Submit every job, record its Slurm id (``on_start(job, id)``), wait for all."""
-        submitted = {}
+    def run(self, jobs: Sequence[Job], on_start: Started, on_done: Finished,
+            submitted_before: Optional[Mapping[str, str]] = None) -> None:
+        """Submit every job, record its Slurm id (``on_start(job, id)``), then wait for
+        each in turn (``on_done(job, outcome)``).  A job whose earlier submission
+        (``submitted_before[name]``: its id) is still queued or running is waited for,
+        not submitted again: a restarted pipeline does not run a job twice at once."""
+        handles = []
         for job in jobs:
-            os.makedirs(job.directory, exist_ok=True)
-            submitted[job.name] = self.executor(job).submit(SlurmTask(job))
-            if on_start is not None:
-                on_start(job, submitted[job.name].job_id)
-        outcomes = {}
-        for name, handle in submitted.items():
+            earlier = (submitted_before or {}).get(job.name)
+            if earlier and slurm_job_active(earlier):
+                handle = self.submitit.SlurmJob(folder=os.path.join(self.folder, "%j"),
+                                                job_id=earlier)
+            else:
+                os.makedirs(job.directory, exist_ok=True)
+                handle = self.executor(job).submit(SlurmTask(job))
+                on_start(job, handle.job_id)
+            handles.append((job, handle))
+        for job, handle in handles:
             try:
-                outcomes[name] = Outcome(**handle.results()[0])
+                outcome = Outcome(**handle.results()[0])
             except Exception as error:  # the job died outside our code: report, retry
                 tail = str(error).strip().splitlines()[-1:] or [type(error).__name__]
-                outcomes[name] = Outcome(1, 0.0, command=f"slurm job {handle.job_id}: {tail[0]}")
-        return outcomes
+                outcome = Outcome(1, 0.0, command=f"slurm job {handle.job_id}: {tail[0]}")
+            on_done(job, outcome)
+
+
+def slurm_job_active(job_id: str) -> bool:
+    """Whether Slurm still has the job queued, running or requeued (squeue knows it)."""
+    listed = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+                            capture_output=True, text=True)
+    return listed.returncode == 0 and listed.stdout.strip() in ACTIVE_STATES
 
 
 def make_launcher(options: argparse.Namespace, pipeline_dir: str) -> Any:

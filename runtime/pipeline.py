@@ -30,7 +30,7 @@ from runtime.launchers import Job, Outcome
 STATE = "state.json"
 # Every stage's sizes.  Sources (README, "Reproducing the paper's table"): the search
 # is train_search.py's defaults (SPEC.md, the paper README's `--unrolled`); the
-# selection follows DARTS (Liu et al. 2019, section 3.3: 4 searches, each cell trained
+# selection follows DARTS (Liu et al. 2019: 4 searches, each cell trained
 # 100 epochs, scored on held-out data) with the final network of the paper README;
 # the final trainings are the paper README's train_CIFAR command (600 epochs, C=36,
 # 20 cells, auxiliary, cutout), 10 seeds as DARTS' reported mean ± std.
@@ -235,32 +235,37 @@ def run_stage(jobs: Sequence[Job], state: PipelineState, launcher: Any, director
               collect: Callable[[Job, str], Any], say: Callable[[str], None]) -> None:
     """Run the jobs not done yet; a failed job is reported and retried once."""
     pending = [job for job in jobs if not state.done(job.name)]
+    if not pending:
+        return
     for attempt in (1, 2):
-        if not pending:
-            return
         say(f"{pending[0].stage}: running {', '.join(job.name for job in pending)} "
             f"({launcher.name})")
+
+        failed: List[Job] = []
 
         def started(job: Job, slurm_id: str) -> None:
             state.job(job.name)["slurm_id"] = slurm_id
             state.save()
 
-        outcomes = launcher.run(pending, started)
-        failed = []
-        for job in pending:
-            outcome, result = outcomes[job.name], None
+        def finished(job: Job, outcome: Outcome) -> None:
+            result = None
             if outcome.returncode == 0:
                 try:
                     result = collect(job, directory)
                 except (OSError, ValueError, KeyError, TypeError, UserError) as error:
                     say(f"{job.name}: finished without its result ({error})")
-            status = "done" if result is not None else "failed"
-            state.record(job, outcome, result, status)
+            state.record(job, outcome, result, "done" if result is not None else "failed")
             if result is None:
                 failed.append(job)
                 again = "retrying once" if attempt == 1 else "giving up"
                 say(f"{job.name} failed (exit {outcome.returncode}); log: {job.log_path}; {again}")
+
+        launcher.run(pending, started, finished,
+                     {job.name: state.job(job.name).get("slurm_id") for job in pending
+                      if state.job(job.name).get("slurm_id")})
         pending = failed
+        if not pending:
+            return
     raise UserError(f"{pending[0].name} failed twice; see {pending[0].log_path}, fix the cause "
                     f"and rerun the same command to continue")
 
@@ -276,8 +281,8 @@ def reproduce(options: argparse.Namespace, say: Callable[[str], None] = print) -
     settings = resolve_settings(options)
     directory = os.path.abspath(options.dir or os.path.join("exp", f"reproduce-{options.preset}"))
     options.data = os.path.abspath(options.data)
-    launcher = launchers.make_launcher(options, directory)
     state = PipelineState(directory, settings)
+    launcher = launchers.make_launcher(options, directory)
     state.data["command"] = getattr(options, "command_line", "")
     state.save()
     card = result_card.Card(directory, settings, state.data, options)
