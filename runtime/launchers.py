@@ -90,6 +90,7 @@ def run_process(job: Job, env: Optional[Mapping[str, str]] = None) -> Outcome:
 
 
 def gpu_count() -> int:
+    """GPUs this process sees (torch is imported only here and in ``device_names``)."""
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -278,6 +279,7 @@ def slurm_job_active(job_id: str) -> bool:
 
 
 def make_launcher(options: argparse.Namespace, pipeline_dir: str) -> Any:
+    """``--launcher``'s launcher; Slurm's checks for sbatch and submitit first."""
     if options.launcher == "local":
         return LocalLauncher()
     if options.launcher == "slurm":

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import shlex
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 from runtime import launchers, result_card
 from runtime.atomic import atomic_write_text
@@ -102,6 +102,7 @@ def resolve_settings(options: argparse.Namespace) -> Dict[str, Any]:
 
 
 def check_same_settings(path: str, made_with: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    """A pipeline continues only under the settings it was made with."""
     for key, value in settings.items():
         if made_with.get(key) != value:
             raise UserError(f"{path} was made with --{key} {made_with.get(key)}, not {value}: "
@@ -154,10 +155,12 @@ class PipelineState:
 # -- stages ----------------------------------------------------------------------------------
 
 def job_dir(directory: str, name: str) -> str:
+    """A job's own directory: deterministic, so a rerun finds the job's run and checkpoint."""
     return os.path.join(directory, "jobs", name)
 
 
 def common_flags(settings: Mapping[str, Any], options: argparse.Namespace, stage: str) -> List[str]:
+    """Data, network size and batch of a ``stage`` ('search', 'select' or 'final')."""
     flags = ["--data", options.data, "--init_ch", str(settings[f"{stage}_init_ch"]),
              "--layers", str(settings[f"{stage}_layers"]),
              "--batchsz", str(settings[f"{stage}_batchsz"])]
@@ -165,6 +168,7 @@ def common_flags(settings: Mapping[str, Any], options: argparse.Namespace, stage
 
 
 def search_jobs(settings: Mapping[str, Any], options: argparse.Namespace, directory: str) -> List[Job]:
+    """One train_search.py per seed, with the order, location and extra search flags."""
     flags = common_flags(settings, options, "search") + ["--epochs", str(settings["search_epochs"])]
     flags += ["--unrolled"] if settings["unrolled"] else []
     flags += ["--location", settings["location"]] if settings["location"] else []
@@ -179,6 +183,7 @@ def search_jobs(settings: Mapping[str, Any], options: argparse.Namespace, direct
 def training_job(settings: Mapping[str, Any], options: argparse.Namespace, directory: str,
                  stage: str, name: str, genotype_path: str, seed: int,
                  extra: Sequence[str] = ()) -> Job:
+    """A selection or final training of the cell in ``genotype_path``."""
     flags = common_flags(settings, options, stage) + [
         "--arch_path", genotype_path, "--epochs", str(settings[f"{stage}_epochs"]),
         "--seed", str(seed), "--auxiliary", "--cutout", *extra,
@@ -188,6 +193,7 @@ def training_job(settings: Mapping[str, Any], options: argparse.Namespace, direc
 
 def test_job(settings: Mapping[str, Any], options: argparse.Namespace, directory: str,
              final: Job, genotype_path: str) -> Job:
+    """The test script on the ``trained.pt`` of a finished final training."""
     name = final.name.replace("final", "test", 1)
     run_dir = final.run_dir() or ""
     flags = common_flags(settings, options, "final") + [
@@ -221,6 +227,7 @@ def training_result(job: Job, directory: str) -> Dict[str, Any]:
 
 
 def test_result(job: Job, directory: str) -> Dict[str, Any]:
+    """The test error the test script printed (its last report in the job's log)."""
     with open(job.log_path) as f:
         found = TEST_ERROR.findall(f.read())
     if not found:

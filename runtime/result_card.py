@@ -124,9 +124,10 @@ class Card:
             "paper": PAPER.get(self.settings["dataset"], {}),
             "environment": {"torch": _torch_version(), "python": platform.python_version(),
                             "host": platform.node(), "devices": devices},
+            # The jobs run so far (at least once).
             "jobs": {name: {key: entry.get(key) for key in
                             ("status", "attempts", "log", "command", "fresh_command")}
-                     for name, entry in jobs.items()},
+                     for name, entry in jobs.items() if "fresh_command" in entry},
         }
 
     def write(self) -> Dict[str, Any]:
