@@ -36,13 +36,15 @@ STATE = "state.json"
 # 20 cells, auxiliary, cutout), 10 seeds as DARTS' reported mean ± std.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": dict(searches=4, search_epochs=50, search_init_ch=16, search_layers=8,
-                  search_batchsz=64, unrolled=True,
+                  search_batchsz=64, search_train_portion=0.5, unrolled=True,
                   select_epochs=100, select_init_ch=36, select_layers=20, select_batchsz=96,
                   holdout_portion=0.5,
                   finals=10, final_epochs=600, final_init_ch=36, final_layers=20,
                   final_batchsz=96),
+    # A search step of even a tiny supernet is slow on a CPU: its weights see a
+    # tenth of the training split.
     "tiny": dict(searches=2, search_epochs=1, search_init_ch=4, search_layers=3,
-                 search_batchsz=16, unrolled=False,
+                 search_batchsz=16, search_train_portion=0.1, unrolled=False,
                  select_epochs=1, select_init_ch=4, select_layers=3, select_batchsz=16,
                  holdout_portion=0.5,
                  finals=2, final_epochs=1, final_init_ch=4, final_layers=3, final_batchsz=16),
@@ -169,7 +171,9 @@ def common_flags(settings: Mapping[str, Any], options: argparse.Namespace, stage
 
 def search_jobs(settings: Mapping[str, Any], options: argparse.Namespace, directory: str) -> List[Job]:
     """One train_search.py per seed, with the order, location and extra search flags."""
-    flags = common_flags(settings, options, "search") + ["--epochs", str(settings["search_epochs"])]
+    flags = common_flags(settings, options, "search") + [
+        "--epochs", str(settings["search_epochs"]),
+        "--train_portion", str(settings["search_train_portion"])]
     flags += ["--unrolled"] if settings["unrolled"] else []
     flags += ["--location", settings["location"]] if settings["location"] else []
     if settings["partial_channels"] is not None:

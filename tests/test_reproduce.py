@@ -28,7 +28,7 @@ from training_helpers import REPO, mini_cifar, one_line_error, script_env
 # search, 30 its architecture; a selection trains on 30 and scores the other 30), three
 # steps per epoch everywhere, two searches and two final trainings.
 TINY_FLAGS = ["--preset", "tiny", "--workers", "0", "--search_epochs", "2",
-              "--search_batchsz", "8", "--select_batchsz", "8"]
+              "--search_batchsz", "8", "--search_train_portion", "0.5", "--select_batchsz", "8"]
 # What must not depend on interruptions or launchers (times and commands may).
 SAME = ("searches", "selected_job", "finals", "test_error")
 
