@@ -103,27 +103,31 @@ def _torchvision_cifar(data_dir: str, dataset: str, train: bool,
         ) from None
 
 
-def cifar_split(data_dir: str, dataset: str, train: bool, cutout_length: int = 0) -> Dataset:
-    """The CIFAR train split (augmented) or test split: ``DIR/train`` / ``DIR/test|val``
-    image folders when present, else torchvision's CIFAR under DIR (downloaded on first use)."""
+def cifar_split(data_dir: str, dataset: str, train: bool, cutout_length: int = 0,
+                augment: bool = True) -> Dataset:
+    """The CIFAR train split (augmented unless ``augment`` is False) or test split:
+    ``DIR/train`` / ``DIR/test|val`` image folders when present, else torchvision's
+    CIFAR under DIR (downloaded on first use)."""
     train_folder = os.path.join(data_dir, "train")
+    augmented = train and augment
     if os.path.isdir(train_folder):
         path = train_folder if train else held_out_folder(data_dir)
         if path is None:
             raise UserError(f"{data_dir} has a train/ folder but no test/ or val/ folder "
                             f"for evaluation; add one (same class subfolders)")
-        return _folder(path, cifar_transforms(dataset, train, cutout_length, from_folder=True))
-    return _torchvision_cifar(data_dir, dataset, train, cifar_transforms(dataset, train, cutout_length))
+        return _folder(path, cifar_transforms(dataset, augmented, cutout_length, from_folder=True))
+    return _torchvision_cifar(data_dir, dataset, train,
+                              cifar_transforms(dataset, augmented, cutout_length))
 
 
-def imagenet_split(data_dir: str, train: bool) -> Dataset:
+def imagenet_split(data_dir: str, train: bool, augment: bool = True) -> Dataset:
     """ImageNet (or any image folder) ``DIR/train`` and ``DIR/val``: never downloaded."""
     path = os.path.join(data_dir, "train") if train else held_out_folder(data_dir)
     if path is None or not os.path.isdir(path):
         missing = os.path.join(data_dir, "train" if train else "val")
         raise UserError(f"ImageNet folder {missing} not found: put the ILSVRC2012 images in "
                         f"{data_dir}/train/<wnid>/ and {data_dir}/val/<wnid>/")
-    return _folder(path, imagenet_transforms(train))
+    return _folder(path, imagenet_transforms(train and augment))
 
 
 def num_classes_of(dataset: Dataset) -> int:
@@ -223,23 +227,27 @@ class CyclingLoader:
         self._iterator = None
 
 
-def split_for_search(dataset: Dataset, train_portion: float) -> Tuple[Dataset, Dataset]:
-    """First ``train_portion`` of the images train the weights, the rest the architecture.
+def split_for_search(dataset: Dataset, train_portion: float,
+                     rest: Optional[Dataset] = None,
+                     flag: str = "--train_portion") -> Tuple[Dataset, Dataset]:
+    """First ``train_portion`` of the images train the weights, the rest the architecture
+    (taken from ``rest``, the same images under other transforms, when given; ``flag``
+    names the portion in errors).
 
     CIFAR's files are in random order, so the split is contiguous as in the original;
     an image folder is sorted by class, so its images are first permuted (fixed seed)
     to give both halves every class."""
     if not 0 < train_portion < 1:
-        raise UserError(f"--train_portion must be between 0 and 1, got {train_portion}")
+        raise UserError(f"{flag} must be between 0 and 1, got {train_portion}")
     split = int(len(dataset) * train_portion)
     if split == 0 or split == len(dataset):
-        raise UserError(f"--train_portion {train_portion} leaves one half of the "
+        raise UserError(f"{flag} {train_portion} leaves one part of the "
                         f"{len(dataset)} training images empty")
     indices = list(range(len(dataset)))
     if isinstance(dataset, datasets.ImageFolder):
         indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
     return (torch.utils.data.Subset(dataset, indices[:split]),
-            torch.utils.data.Subset(dataset, indices[split:]))
+            torch.utils.data.Subset(dataset if rest is None else rest, indices[split:]))
 
 
 # -- a training loader that lives on the device -------------------------------------------

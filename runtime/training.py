@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from runtime import data
 from runtime import parallel
@@ -120,6 +120,10 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
     parser.add_argument("--checkpoint_path", default=None,
                         help=f"resume the run of this {CHECKPOINT} (or run directory), writing "
                              f"into its directory; give the run's own flags again")
+    parser.add_argument("--holdout_portion", type=float, default=0.0,
+                        help="hold out this last part of the training split and evaluate on it "
+                             "instead of the test split, training on the rest (choosing between "
+                             "cells never looks at the test split; 0: off; default: %(default)s)")
 
 
 def add_test_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
@@ -137,12 +141,31 @@ def precision_of(args: argparse.Namespace, runtime: Runtime) -> Precision:
 
 # -- datasets and networks -----------------------------------------------------------
 
-def load_split(args: argparse.Namespace, dataset: str, train: bool) -> Dataset:
-    """The training split (augmented) or the test/validation split of ``dataset``."""
+def load_split(args: argparse.Namespace, dataset: str, train: bool,
+               augment: bool = True) -> Dataset:
+    """The training split (augmented unless ``augment`` is False) or the
+    test/validation split of ``dataset``."""
     if dataset == "imagenet":
-        return data.imagenet_split(args.data, train)
+        return data.imagenet_split(args.data, train, augment)
     cutout_length = args.cutout_length if train and args.cutout else 0
-    return data.cifar_split(args.data, dataset, train, cutout_length)
+    return data.cifar_split(args.data, dataset, train, cutout_length, augment)
+
+
+def load_train_and_eval(args: argparse.Namespace, dataset: str) -> Tuple[Dataset, Dataset]:
+    """The images a run trains on and those it evaluates on: the training and test
+    splits, or with ``--holdout_portion`` the two parts of the training split (the
+    held-out part without augmentation)."""
+    train_set = load_split(args, dataset, train=True)
+    portion = getattr(args, "holdout_portion", 0.0)
+    if portion:
+        return data.split_for_search(train_set, 1.0 - portion,
+                                     rest=load_split(args, dataset, train=True, augment=False),
+                                     flag="--holdout_portion")
+    test_set = load_split(args, dataset, train=False)
+    if train_set.classes != test_set.classes:
+        raise UserError(f"the training and test splits under {args.data} have different "
+                        f"classes: {train_set.classes} vs {test_set.classes}")
+    return train_set, test_set
 
 
 def input_size_of(dataset: str) -> Tuple[int, int, int]:
@@ -240,6 +263,8 @@ def make_train_loader(args: argparse.Namespace, runtime: Runtime, train_set: Dat
     BatchNorm1d, and a CUDA graph replays one batch shape."""
     if args.device_loader:
         images, labels, _ = data.cifar_train_pixels(args.data, dataset, workers=args.workers)
+        if isinstance(train_set, Subset):  # --holdout_portion: only the images trained on
+            images, labels = images[train_set.indices], labels[train_set.indices]
         loader = data.DeviceCIFARLoader(images, labels, args.batchsz, runtime, dataset,
                                         cutout_length=args.cutout_length if args.cutout else 0,
                                         seed=args.seed, channels_last=args.channels_last)
@@ -401,11 +426,7 @@ def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
     runtime = parallel.setup()
     try:
         genotype = resolve_genotype(args.arch, args.arch_path)
-        train_set = load_split(args, dataset, train=True)
-        test_set = load_split(args, dataset, train=False)
-        if train_set.classes != test_set.classes:
-            raise UserError(f"the training and test splits under {args.data} have different "
-                            f"classes: {train_set.classes} vs {test_set.classes}")
+        train_set, test_set = load_train_and_eval(args, dataset)
         if runtime.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         # The same weights on every process (DDP would broadcast rank 0's anyway),

@@ -52,7 +52,7 @@ def test_the_root_holds_the_scripts_and_the_search_space_only():
     allowed = SCRIPTS | SEARCH_SPACE | {"requirements.txt", "README.md", "pytest.ini",
                                         "runtime", "tests", "bench"}
     tracked = {p.name for p in REPO.iterdir() if not p.name.startswith(".")
-               and p.name != "__pycache__" and p.name not in ("exp", "data")}
+               and p.name != "__pycache__" and p.name not in ("exp", "data", "runs")}
     assert tracked - allowed == set()
     assert SEARCH_SPACE <= tracked
 
