@@ -166,3 +166,42 @@ def test_frozen_and_bilevel_iterations_through_the_graph_step(location, recomput
         graph(*_batch(next(batches), torch.float32), *_batch(next(batches), torch.float32))
     for (name, a), b in zip(network.named_arch_parameters().items(), twin.arch_parameters()):
         assert not torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_a_pc_darts_search_end_to_end(cifar_mini, tmp_path):
+    """train_search.py with K=2, edge normalisation and one frozen epoch: the first
+    epoch leaves the architecture alone, the second moves it; the edge weights are
+    saved and recorded; a resume with another K or without edge normalisation is one
+    error line; the genotype builds a final network."""
+    from genotypes import load_genotype
+    from model import NetworkCIFAR
+    from training_helpers import mini_cifar, one_line_error, only_run_dir, run_script
+
+    folder = mini_cifar(cifar_mini, tmp_path / "data", train=4, val=0)
+    flags = ["--data", str(folder), "--init_ch", "4", "--layers", "3", "--batchsz", "8",
+             "--train_portion", "0.6", "--workers", "0", "--location", "after_every",
+             "--partial_channels", "2", "--arch_warmup_epochs", "1"]
+    result = run_script("train_search.py", *flags, "--exp_path", str(tmp_path / "exp"),
+                        "--epochs", "2", env={"ATT_DARTS_TRACE_ARCH": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    hashes = [line.split()[-1] for line in result.stdout.splitlines()
+              if line.startswith("rank 0 epoch")]
+    assert len(hashes) == 6 and len(set(hashes[:3])) == 1 and len(set(hashes[3:])) == 3
+    run = only_run_dir(tmp_path / "exp")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["args"]["edge_norm"] is True
+    assert state["state_dict"]["edge_weights_normal"].shape == (14,)
+    log = (run / "log.txt").read_text()
+    assert "(architecture frozen)" in log and "edge normalisation on" in log
+    assert '"edge_weights_reduce"' in (run / "arch_history.jsonl").read_text()
+    for changed in (["--partial_channels", "1"], ["--no-edge_norm"]):
+        refused = run_script("train_search.py", *flags, *changed, "--checkpoint_path", str(run),
+                             "--epochs", "3")
+        line = one_line_error(refused)
+        assert "resume with the run's own flags" in line, line
+    bad = run_script("train_search.py", *flags[:-4], "--partial_channels", "3", "--exp_path",
+                     str(tmp_path / "bad"))
+    assert "--partial_channels" in one_line_error(bad)
+    network = NetworkCIFAR(8, 10, 5, False, load_genotype(str(run / "genotype.json")))
+    assert network(torch.randn(2, 3, 32, 32))[0].shape == (2, 10)
