@@ -3,7 +3,7 @@
 Where attention is searched is an ``AttLocation``; what each location puts in a
 cell is declared once, in ``SEARCH_SPACES``, and the cell is built from that data.
 Architecture parameters (alpha: first stage, beta: second stage, gamma: cell-end
-attention) are registered as parameters so that DataParallel replicates them, but
+attention; with edge normalisation, one edge weight per edge) are registered as parameters so that DataParallel replicates them, but
 they are *not* network weights: use ``weights()`` for the weight optimizer and
 ``arch_parameters()`` for the architecture optimizer.
 """
@@ -23,6 +23,11 @@ from attentions import ATTENTIONS, build_attention
 from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
 from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, halve
 from runtime.recompute import BATCH_NORMS, RecomputedPart
+
+
+# Prefix of PC-DARTS's per-edge architecture parameters (edge normalisation), apart
+# from the attention parameters betas_*.
+EDGE_WEIGHTS = "edge_weights"
 
 
 class AttLocation(enum.Enum):
@@ -131,6 +136,38 @@ class MixedOp(nn.Module):
         return out
 
 
+def channel_shuffle(x: torch.Tensor, groups: int, dim: int = 1) -> torch.Tensor:
+    """ShuffleNet's channel shuffle along ``dim``: the channels as (groups, C/groups),
+    transposed, flattened again."""
+    return x.unflatten(dim, (groups, -1)).transpose(dim, dim + 1).flatten(dim, dim + 1)
+
+
+def node_softmax(logits: torch.Tensor, steps: int) -> torch.Tensor:
+    """Per-edge logits (edges numbered node by node) softmaxed over each node's
+    incoming edges: PC-DARTS's edge normalisation."""
+    return torch.cat([F.softmax(chunk, dim=-1) for chunk in logits.split(node_sizes(steps))])
+
+
+def node_sizes(steps: int) -> List[int]:
+    """How many edges lead into each intermediate node."""
+    return [2 + i for i in range(steps)]
+
+
+def check_partial_channels(C: int, layers: int, partial_channels: int) -> None:
+    """ValueError unless ``partial_channels`` (K) is at least 1 and divides the channels
+    of every cell of a supernet of width ``C`` (C, 2C, 4C)."""
+    if partial_channels < 1:
+        raise ValueError(f"partial channels K must be at least 1 (1: every channel), "
+                         f"got {partial_channels}")
+    reductions = {layers // 3, 2 * layers // 3}
+    widths = sorted({C << sum(i >= r for r in reductions) for i in range(layers)})
+    bad = [w for w in widths if w % partial_channels]
+    if bad:
+        raise ValueError(f"partial channels K={partial_channels} does not divide the {bad[0]} "
+                         f"channels of a cell (cells have {', '.join(map(str, widths))}): choose "
+                         f"a K that divides the initial channels {C}")
+
+
 class EdgeLayout:
     """Where a cell's edges sit, in the two orders the code needs.
 
@@ -211,9 +248,10 @@ class SearchCell(nn.Module):
 
     def __init__(self, space: SearchSpace, steps: int, multiplier: int, C_prev_prev: int,
                  C_prev: int, C: int, reduction: bool, reduction_prev: bool,
-                 height: int, width: int):
+                 height: int, width: int, partial_channels: int = 1):
         super().__init__()
         self.reduction = reduction
+        self.partial_channels = partial_channels
         self._steps = steps
         self._multiplier = multiplier
         if reduction_prev:
@@ -231,7 +269,9 @@ class SearchCell(nn.Module):
         self._attns_from = nn.ModuleList()
         for j, edges in enumerate(self.layout.edges_leaving):
             stride = 2 if reduction and j < 2 else 1
-            self._ops_from.append(MixedOp(space.first_stage, C, stride, height, width, len(edges)))
+            # The first stage sees C/K channels of its state (PC-DARTS), the rest bypass it.
+            self._ops_from.append(MixedOp(space.first_stage, C // partial_channels, stride,
+                                          height, width, len(edges)))
             if space.second_stage is not None:
                 self._attns_from.append(MixedOp(space.second_stage, C, 1, height, width, len(edges)))
         self._bottleneck = (MixedOp(space.cell_end, multiplier * C, 1, height, width)
@@ -256,19 +296,22 @@ class SearchCell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, first: torch.Tensor,
                 second: Optional[torch.Tensor], cell_end: Optional[torch.Tensor],
-                recompute: bool = False) -> torch.Tensor:
+                edge_weights: Optional[torch.Tensor] = None, recompute: bool = False) -> torch.Tensor:
         run = self._run
         if recompute:  # the cell's modules by name, looked up once per forward (see _part_params)
             run = functools.partial(self._run_recomputed, dict(self.named_modules()))
         first = first.index_select(0, self._order)
         second = second.index_select(0, self._order) if second is not None else None
+        if edge_weights is not None:
+            edge_weights = edge_weights.index_select(0, self._order)
         states = [s0, s1]
         nodes: List[Optional[torch.Tensor]] = [None] * self._steps
         for j in range(self._steps + 1):  # the last node leads nowhere
             part = functools.partial(SearchCell._edges_from, index=j)
             rows = self.layout.rows[j]
             contributions = run(part, self._part_modules[j], states[j], first[rows],
-                                None if second is None else second[rows])
+                                None if second is None else second[rows],
+                                None if edge_weights is None else edge_weights[rows])
             for i, out in zip(self.layout.targets[j], contributions.unbind(1)):
                 nodes[i] = out if nodes[i] is None else nodes[i] + out
             if j >= 1:
@@ -280,17 +323,36 @@ class SearchCell(nn.Module):
 
     # -- the parts --------------------------------------------------------------------
     def _edges_from(self, h: torch.Tensor, first: torch.Tensor, second: Optional[torch.Tensor],
-                    index: int) -> torch.Tensor:
+                    edge_weights: Optional[torch.Tensor], index: int) -> torch.Tensor:
         """Every edge leaving state ``index`` (preprocessed here for a cell input), in
-        the order of the nodes they lead to: (B, edges, C, H, W)."""
+        the order of the nodes they lead to: (B, edges, C, H, W), each edge scaled by its
+        normalised edge weight when there are edge weights."""
         if index < 2:
             h = (self.preprocess0 if index == 0 else self.preprocess1)(h)
         edges = len(self.layout.edges_leaving[index])
+        k = self.partial_channels
+        sampled = h[:, :h.shape[1] // k] if k > 1 else h
         # Every edge's input side by side (cat keeps the memory format; repeat does not).
-        out = self._ops_from[index](torch.cat([h] * edges, dim=1) if edges > 1 else h, first)
+        out = self._ops_from[index](torch.cat([sampled] * edges, dim=1) if edges > 1 else sampled,
+                                    first)
+        if k > 1:
+            out = self._with_bypass(out, h[:, h.shape[1] // k:])
         if second is not None:
             out = self._attns_from[index](out.flatten(1, 2), second)
+        if edge_weights is not None:
+            out = out * edge_weights[:, None, None, None]
         return out
+
+    def _with_bypass(self, mixed: torch.Tensor, bypass: torch.Tensor) -> torch.Tensor:
+        """PC-DARTS's partial channel connection, for every edge at once: each edge's
+        mixed C/K channels (``mixed``: (B, edges, C/K, H', W')) followed by the channels
+        that bypassed the mixture (2x2 max-pooled where the edge halves the resolution),
+        then shuffled in K groups."""
+        if bypass.shape[-1] != mixed.shape[-1]:
+            bypass = F.max_pool2d(bypass, 2, 2)
+        # The bypass is the same for every edge leaving the state: a broadcast view.
+        bypass = bypass[:, None].expand(-1, mixed.shape[1], -1, -1, -1)
+        return channel_shuffle(torch.cat([mixed, bypass], dim=2), self.partial_channels, dim=2)
 
     def _cell_end(self, out: torch.Tensor, cell_end: torch.Tensor) -> torch.Tensor:
         return self._bottleneck(out, cell_end).flatten(1, 2)
@@ -321,16 +383,26 @@ class Network(nn.Module):
     the edges leaving each state, cell end) during a training forward and recomputes
     the part in backward (``RecomputedPart``, runtime/recompute.py): the same gradients for far
     less memory (1.4 GB instead of about 4 GB for a second-order step at batch 16,
-    after_every), at the price of one more forward pass."""
+    after_every), at the price of one more forward pass.
+
+    ``partial_channels=K`` > 1 searches with PC-DARTS's partial channel connections:
+    each edge's first stage runs on the first C/K channels of its input, the others
+    bypass it, and the edge's output is channel-shuffled in K groups; a second stage
+    and a cell-end attention see all channels.  ``edge_norm=True`` adds PC-DARTS's
+    edge weights ``edge_weights_normal``/``edge_weights_reduce`` (one per edge; a node
+    sums its incoming edges weighted by their softmax over that node's edges)."""
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion: nn.Module,
                  location: "AttLocation | str" = AttLocation.AFTER_EVERY, steps: int = 4,
                  multiplier: int = 4, stem_multiplier: int = 3, image_size: int = 32,
-                 recompute: bool = False):
+                 recompute: bool = False, partial_channels: int = 1, edge_norm: bool = False):
         super().__init__()
+        check_partial_channels(C, layers, partial_channels)
         self.recompute = recompute
+        self.partial_channels = partial_channels
+        self.edge_norm = edge_norm
         self.criterion = criterion
-        self._steps = steps
+        self.steps = self._steps = steps
         self._multiplier = multiplier
         self.location = AttLocation.parse(location)
         self.space = SEARCH_SPACES[self.location]
@@ -350,7 +422,7 @@ class Network(nn.Module):
                 C_curr *= 2
                 size = halve(size)
             cell = SearchCell(self.space, steps, multiplier, C_prev_prev, C_prev, C_curr,
-                              reduction, reduction_prev, size, size)
+                              reduction, reduction_prev, size, size, partial_channels)
             self.cells.append(cell)
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -365,6 +437,8 @@ class Network(nn.Module):
             shapes["betas"] = (num_edges, len(self.space.second_stage))
         if self.space.cell_end is not None:
             shapes["gammas"] = (len(self.space.cell_end),)
+        if self.edge_norm:
+            shapes[EDGE_WEIGHTS] = (num_edges,)
         self._arch_names: List[str] = []
         for prefix, shape in shapes.items():
             for kind in ("normal", "reduce"):
@@ -374,7 +448,7 @@ class Network(nn.Module):
 
     # -- parameters -----------------------------------------------------------
     def arch_parameters(self) -> List[nn.Parameter]:
-        """alpha (and beta, gamma) for normal and reduction cells."""
+        """alpha (and beta, gamma, edge weights) for normal and reduction cells."""
         return [getattr(self, name) for name in self._arch_names]
 
     def named_arch_parameters(self) -> Dict[str, nn.Parameter]:
@@ -401,11 +475,14 @@ class Network(nn.Module):
                 p.requires_grad_(True)
 
     # -- forward --------------------------------------------------------------
-    def _cell_weights(self, kind: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _cell_weights(self, kind: str) -> Tuple[Optional[torch.Tensor], ...]:
+        """The softmaxed (first, second, cell_end, edge) weights of ``kind`` cells."""
         first = F.softmax(getattr(self, f"alphas_{kind}"), dim=-1)
         second = F.softmax(getattr(self, f"betas_{kind}"), dim=-1) if self.space.second_stage else None
         cell_end = F.softmax(getattr(self, f"gammas_{kind}"), dim=-1) if self.space.cell_end else None
-        return first, second, cell_end
+        edges = (node_softmax(getattr(self, f"{EDGE_WEIGHTS}_{kind}"), self._steps)
+                 if self.edge_norm else None)
+        return first, second, cell_end, edges
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = {"normal": self._cell_weights("normal"), "reduce": self._cell_weights("reduce")}
@@ -455,11 +532,18 @@ class Network(nn.Module):
         return self.criterion(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
 
     # -- derivation -----------------------------------------------------------
+    def softmaxed(self, name: str) -> torch.Tensor:
+        """Architecture parameter ``name`` softmaxed as the forward uses it: over each
+        row's candidates, or (edge weights) over each node's incoming edges."""
+        param = getattr(self, name)
+        if name.startswith(EDGE_WEIGHTS):
+            return node_softmax(param, self._steps)
+        return F.softmax(param, dim=-1)
+
     def softmaxed_arch(self) -> Dict[str, List]:
         """The softmaxed architecture weights, as nested lists (for logs and plots)."""
         with torch.no_grad():
-            return {name: F.softmax(p.float(), dim=-1).cpu().tolist()
-                    for name, p in self.named_arch_parameters().items()}
+            return {name: self.softmaxed(name).float().cpu().tolist() for name in self._arch_names}
 
     def genotype(self) -> Genotype:
         """The discrete cell these architecture weights stand for (``derive_genotype``)."""
@@ -474,24 +558,30 @@ def derive_genotype(weights: Dict[str, Sequence[Optional[torch.Tensor]]], space:
     """The DARTS rule: per node the two strongest incoming edges (ignoring `none`), each
     with its best non-`none` first- and second-stage candidate; the cell-end attention
     is the best one.  ``weights[kind]`` holds the softmaxed (first, second, cell_end)
-    weights of ``kind`` ("normal" or "reduce"), edges numbered node by node."""
+    weights of ``kind`` ("normal" or "reduce"), edges numbered node by node, and
+    optionally fourth the normalised edge weights (PC-DARTS: an edge's strength is then
+    its strongest operation weight times its edge weight)."""
     concat = list(range(2 + steps - multiplier, steps + 2))
-    cells = {kind: derive_edges(first, second, space, steps) for kind, (first, second, _) in weights.items()}
-    ends = {kind: best_candidate(cell_end, space.cell_end)[0] if cell_end is not None else ""
-            for kind, (_, _, cell_end) in weights.items()}
+    cells = {kind: derive_edges(w[0], w[1], space, steps, w[3] if len(w) > 3 else None)
+             for kind, w in weights.items()}
+    ends = {kind: best_candidate(w[2], space.cell_end)[0] if w[2] is not None else ""
+            for kind, w in weights.items()}
     return Genotype(normal=cells["normal"], normal_concat=concat,
                     reduce=cells["reduce"], reduce_concat=concat,
                     normal_bottleneck=ends["normal"], reduce_bottleneck=ends["reduce"])
 
 
 def derive_edges(first: torch.Tensor, second: Optional[torch.Tensor], space: SearchSpace,
-                 steps: int) -> List[Tuple[str, int, str]]:
-    """One cell's (operation, input, attention) per kept edge, node by node."""
+                 steps: int, edge_weights: Optional[torch.Tensor] = None) -> List[Tuple[str, int, str]]:
+    """One cell's (operation, input, attention) per kept edge, node by node; with
+    ``edge_weights``, edges rank by (strongest operation weight) x (edge weight)."""
     gene = []
     start = 0
     for i in range(steps):
         end = start + i + 2
-        strength = {e: best_candidate(first[e], space.first_stage)[1] for e in range(start, end)}
+        strength = {e: best_candidate(first[e], space.first_stage)[1]
+                    * (float(edge_weights[e]) if edge_weights is not None else 1.0)
+                    for e in range(start, end)}
         for e in sorted(strength, key=lambda e: -strength[e])[:2]:
             op = best_candidate(first[e], space.first_stage)[0]
             attention = best_candidate(second[e], space.second_stage)[0] if second is not None else ""

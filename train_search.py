@@ -3,6 +3,8 @@
 
     python train_search.py --unrolled            # second order, attention after every op
     python train_search.py --location end        # first order, one attention per cell
+    python train_search.py --partial_channels 4 --batchsz 256 --lr 0.1 --lr_min 0 \
+        --arch_lr 6e-4 --arch_warmup_epochs 15   # PC-DARTS's search settings
 
 Writes, in a new directory under --exp_path: log.txt, genotype.json (every epoch),
 arch_history.jsonl (softmaxed alpha/beta/gamma, metrics and diagnostics per epoch, for
@@ -57,6 +59,7 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
                          "memory, one more forward per pass ('auto': on for the CPU, off on GPUs; "
                          "turn it on for a small card or a wide supernet)")
 add_cuda_graph_flag(parser)
+searching.add_search_space_flags(parser)
 searching.add_collapse_flags(parser)
 add_precision_flags(parser, channels_last_default="auto")
 

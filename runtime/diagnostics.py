@@ -8,7 +8,8 @@ poolings), and their genotypes can keep changing late in the search.  Per epoch:
   (first stage) is skip_connect or a pooling; ``skip_connect``: those that are
   skip_connect (the count DARTS+ stops on);
 - ``entropy``: for every architecture parameter set, the entropy of each softmaxed
-  row (an edge's candidates; the one row of a cell-end gamma) divided by log(number
+  row (an edge's candidates; the one row of a cell-end gamma; a node's incoming
+  edges for PC-DARTS's edge weights) divided by log(number
   of candidates), so 1 is uniform and 0 is one-hot; its mean and minimum over rows;
 - ``edges_changed``: edges of the genotype (normal and reduction cell, per node, so
   that the order of a node's two edges does not count; a bottleneck counts as one)
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from genotypes import ATTN_PRIMITIVES, Genotype
-from model_search import Network
+from model_search import EDGE_WEIGHTS, Network, node_sizes
 
 PARAMETER_FREE = ("skip_connect", "max_pool_3x3", "avg_pool_3x3")
 CELLS = ("normal", "reduce")
@@ -42,7 +43,11 @@ def entropy_summary(network: Network) -> Dict[str, Dict[str, float]]:
     summary = {}
     with torch.no_grad():
         for name, param in network.named_arch_parameters().items():
-            entropy = row_entropy(F.softmax(param.double(), dim=-1)).flatten()
+            if name.startswith(EDGE_WEIGHTS):  # one distribution per node, over its edges
+                entropy = torch.stack([row_entropy(F.softmax(node.double(), dim=-1))
+                                       for node in param.split(node_sizes(network.steps))])
+            else:
+                entropy = row_entropy(F.softmax(param.double(), dim=-1)).flatten()
             summary[name] = {"mean": float(entropy.mean()), "min": float(entropy.min())}
     return summary
 

@@ -46,7 +46,7 @@ from runtime.experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint
 from genotypes import Genotype, genotype_from_dict, genotype_to_dict, save_genotype
 from runtime.history import record_epoch
 from runtime.metrics import Metrics, heatmap_image
-from model_search import AttLocation, Network
+from model_search import EDGE_WEIGHTS, AttLocation, Network, check_partial_channels, node_sizes
 from runtime.parallel import Runtime
 from runtime.precision import Precision, memory_format, resolve_channels_last
 
@@ -61,9 +61,17 @@ def search_step(model: nn.Module, architect: Architect, optimizer: torch.optim.O
     """One search iteration: the architecture step on ``valid`` (``lr``: the weights'
     current learning rate, for the second order's virtual step), then the weight step
     on ``train``.  Returns the weight step's (loss, logits), still on the device."""
+    architect.step(*train, *valid, lr)
+    return supernet_weight_step(model, architect.network, optimizer, precision, train, grad_clip)
+
+
+def supernet_weight_step(model: nn.Module, network: Network, optimizer: torch.optim.Optimizer,
+                         precision: Precision, train: Batch,
+                         grad_clip: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The weight step of a search iteration on ``train``, the architecture held fixed
+    (alone, it is a whole iteration while the architecture is frozen:
+    ``--arch_warmup_epochs``).  Returns (loss, logits), still on the device."""
     images, targets = train
-    architect.step(images, targets, *valid, lr)
-    network = architect.network
     with network.frozen_architecture(), precision.autocast():
         logits = model(images)
         loss = network.logits_loss(logits, targets)
@@ -74,11 +82,14 @@ def search_step(model: nn.Module, architect: Architect, optimizer: torch.optim.O
 def search_epoch(model: nn.Module, architect: Architect, optimizer: torch.optim.Optimizer,
                  train_loader: torch.utils.data.DataLoader, arch_batches: Iterator[Batch],
                  lr: float, precision: Precision, runtime: Runtime, args: argparse.Namespace,
-                 log: RunLog, graph: Optional[StepGraph] = None) -> Tuple[float, Accuracy]:
+                 log: RunLog, graph: Optional[StepGraph] = None,
+                 frozen: bool = False) -> Tuple[float, Accuracy]:
     """One pass over the weight half, each batch paired with the next batch of the
     architecture half; returns the mean loss and accuracy of the weight steps.
-    ``graph``: the run's ``StepGraph`` (CUDA graphs), captured anew for this epoch's
-    learning rate; without it every iteration runs eagerly.
+    ``graph``: the run's ``StepGraph`` (CUDA graphs) for this kind of iteration,
+    captured anew for this epoch's learning rate; without it every iteration runs
+    eagerly.  ``frozen``: the architecture is frozen this epoch (``--arch_warmup_epochs``):
+    weight steps only, and no batch of the architecture half is fetched.
 
     With ``ATT_DARTS_TRACE_ARCH=1`` in the environment every process prints
     ``rank R epoch E step S architecture sha256 H`` after each iteration (epoch and
@@ -90,17 +101,20 @@ def search_epoch(model: nn.Module, architect: Architect, optimizer: torch.optim.
     epoch = getattr(train_loader.sampler, "epoch", 0) + 1
     steps = 0
 
-    def iteration(images: torch.Tensor, targets: torch.Tensor, valid_images: torch.Tensor,
-                  valid_targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return search_step(model, architect, optimizer, precision, (images, targets),
-                           (valid_images, valid_targets), lr, args.grad_clip)
+    def iteration(images: torch.Tensor, targets: torch.Tensor, *valid: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if frozen:
+            return supernet_weight_step(model, architect.network, optimizer, precision,
+                                        (images, targets), args.grad_clip)
+        return search_step(model, architect, optimizer, precision, (images, targets), valid,
+                           lr, args.grad_clip)
 
     graph = graph if graph is not None else StepGraph(iteration, enabled=False)
     graph.reset(iteration)
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         nonlocal steps
-        valid = to_device(*next(arch_batches), runtime, args.channels_last)
+        valid = () if frozen else to_device(*next(arch_batches), runtime, args.channels_last)
         result = graph(images, targets, *valid)
         steps += 1
         if trace:
@@ -138,7 +152,11 @@ def candidate_names(network: Network) -> Dict[str, List[str]]:
     """The candidate names behind each architecture parameter's columns."""
     stages = {"alphas": network.space.first_stage, "betas": network.space.second_stage,
               "gammas": network.space.cell_end}
-    return {name: list(stages[name.split("_")[0]]) for name in network.named_arch_parameters()}
+    # Edge weights: one column per edge, named by the node it leads to and its input.
+    edges = [f"node {i} <- {j}" for i, size in enumerate(node_sizes(network.steps))
+             for j in range(size)]
+    return {name: edges if name.startswith(EDGE_WEIGHTS) else list(stages[name.split("_")[0]])
+            for name in network.named_arch_parameters()}
 
 
 def arch_digest(network: Network) -> str:
@@ -192,6 +210,36 @@ def early_stop_rule(args: argparse.Namespace) -> Optional[EarlyStop]:
     return rule
 
 
+def check_search_space_flags(args: argparse.Namespace) -> None:
+    """--partial_channels, --edge_norm ('auto': on with partial channels, resolved in
+    ``args``) and --arch_warmup_epochs, checked before anything is built."""
+    try:
+        check_partial_channels(args.init_ch, args.layers, args.partial_channels)
+    except ValueError as error:
+        raise UserError(f"--partial_channels: {error} (--init_ch {args.init_ch})") from None
+    if args.edge_norm == "auto":
+        args.edge_norm = args.partial_channels > 1
+    if args.arch_warmup_epochs < 0:
+        raise UserError(f"--arch_warmup_epochs must be 0 (no warm-up) or a number of epochs, "
+                        f"got {args.arch_warmup_epochs}")
+
+
+def add_search_space_flags(parser: argparse.ArgumentParser) -> None:
+    """train_search.py's flags of PC-DARTS's partial channels and edge normalisation, and
+    the architecture warm-up."""
+    parser.add_argument("--partial_channels", type=int, default=1, metavar="K",
+                        help="PC-DARTS's partial channel connections: each edge's operations run "
+                             "on 1/K of its input's channels, the rest bypass them (K must divide "
+                             "--init_ch); 1: every channel, the paper's search")
+    parser.add_argument("--edge_norm", action=argparse.BooleanOptionalAction, default="auto",
+                        help="PC-DARTS's edge normalisation: one more architecture weight per edge, "
+                             "softmaxed over each node's incoming edges, which scales the edge and "
+                             "ranks it in the genotype ('auto': on with --partial_channels > 1)")
+    parser.add_argument("--arch_warmup_epochs", type=int, default=0, metavar="N",
+                        help="freeze the architecture for the first N epochs: weight steps only, "
+                             "no batch of the architecture half fetched (PC-DARTS: 15)")
+
+
 def resolve_recompute(requested: "bool | str", device: torch.device) -> Tuple[bool, str]:
     """``--recompute`` resolved: (on or off, why), for the run's log.  ``auto`` is on for
     the CPU, where memory is scarce and a pass is compute-bound, off on GPUs, where
@@ -212,6 +260,7 @@ def search(args: argparse.Namespace) -> None:
         raise UserError(f"--location: {error}") from None
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    check_search_space_flags(args)
     early_stop = early_stop_rule(args)
     runtime = parallel.setup()
     try:
@@ -248,13 +297,15 @@ class SearchData:
 @dataclass
 class Supernet:
     """The supernet and what trains it: weight optimizer, architect, precision, the
-    CUDA graphs of the iteration and the evaluation, the eigenvalue's fixed batches."""
+    CUDA graphs of the iteration (bilevel, and weights only while the architecture is
+    frozen) and the evaluation, the eigenvalue's fixed batches."""
     network: Network
     model: nn.Module
     optimizer: torch.optim.SGD
     architect: Architect
     precision: Precision
     graph: StepGraph
+    frozen_graph: StepGraph
     eval_graph: StepGraph
     hessian_batches: List[Batch]
 
@@ -307,7 +358,8 @@ def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Run
     launches per step instead of several per parameter tensor."""
     precision = Precision(args.amp, args.amp_dtype, runtime.device)
     network = Network(args.init_ch, halves.num_classes, args.layers, nn.CrossEntropyLoss(),
-                      location, recompute=args.recompute)
+                      location, recompute=args.recompute, partial_channels=args.partial_channels,
+                      edge_norm=args.edge_norm)
     network.to(runtime.device, memory_format=memory_format(args.channels_last))
     model = parallel.wrap(network, runtime, ignore=list(network.named_arch_parameters()))
     optimizer = torch.optim.SGD(network.weights(), args.lr, momentum=args.momentum,
@@ -319,9 +371,13 @@ def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Run
                                               args.batchsz, runtime, args.channels_last)
                        if args.hessian_every else [])
     graph = StepGraph(None, enabled=args.cuda_graphs)
+    # Iterations of the warm-up epochs (weight step only) are a graph of their own, with
+    # their own warm-up: the first bilevel iteration must not be captured before the
+    # architecture optimizer has made its state.
+    frozen_graph = StepGraph(None, enabled=args.cuda_graphs)
     eval_graph = StepGraph(None, enabled=args.cuda_graphs, warmup=1)
-    return Supernet(network, model, optimizer, architect, precision, graph, eval_graph,
-                    hessian_batches)
+    return Supernet(network, model, optimizer, architect, precision, graph, frozen_graph,
+                    eval_graph, hessian_batches)
 
 
 def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: Supernet,
@@ -348,6 +404,7 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
         f"{'channels-last' if args.channels_last else 'contiguous'} layout, cells "
         f"{'recomputed in backward' if args.recompute else 'kept for backward'}, "
         f"{'second' if args.unrolled else 'first'} order")
+    log(f"partial channels: {describe_partial_channels(args)}")
     log(f"recompute {'on' if args.recompute else 'off'} ({reasons['recompute']}); CUDA graphs "
         f"{'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']})")
     if args.hessian_every:
@@ -410,9 +467,11 @@ def train_and_validate(net: Supernet, halves: SearchData, scheduler: LRScheduler
     started = time.time()
     lr = scheduler.get_last_lr()[0]
     halves.train_loader.sampler.set_epoch(epoch)
+    frozen = epoch < args.arch_warmup_epochs
     train_loss, train_acc = search_epoch(net.model, net.architect, net.optimizer,
                                          halves.train_loader, halves.arch_batches, lr,
-                                         net.precision, runtime, args, log, net.graph)
+                                         net.precision, runtime, args, log,
+                                         net.frozen_graph if frozen else net.graph, frozen)
     step_seconds = time.time() - started
     scheduler.step()
     # DDP's forward synchronises; each process evaluates its share with the bare network.
@@ -424,6 +483,15 @@ def train_and_validate(net: Supernet, halves: SearchData, scheduler: LRScheduler
             "seconds": time.time() - started}
 
 
+def describe_partial_channels(args: argparse.Namespace) -> str:
+    """The search-space flags of PC-DARTS and the warm-up, for the run's log."""
+    channels = (f"K={args.partial_channels}, each edge's operations see 1/{args.partial_channels} "
+                f"of the channels" if args.partial_channels > 1 else "off (every channel)")
+    warmup = (f"architecture frozen for the first {args.arch_warmup_epochs} epoch(s)"
+              if args.arch_warmup_epochs else "architecture trained from the first epoch")
+    return f"{channels}; edge normalisation {'on' if args.edge_norm else 'off'}; {warmup}"
+
+
 def log_epoch(log: RunLog, result: Dict[str, Any], speed: str, genotype: Genotype,
               arch: Dict[str, List], stats: Dict[str, Any], args: argparse.Namespace) -> None:
     """An epoch's lines in log.txt: metrics and speed, genotype, softmaxed architecture,
@@ -432,7 +500,8 @@ def log_epoch(log: RunLog, result: Dict[str, Any], speed: str, genotype: Genotyp
     log(f"epoch {epoch + 1}/{args.epochs} lr {result['lr']:.6e} "
         f"train_loss {result['train_loss']:.4f} train_acc {result['train_acc'].percent():.4f}% "
         f"valid_loss {result['valid_loss']:.4f} valid_acc {result['valid_acc'].percent():.4f}% "
-        f"time {result['seconds']:.1f}s {speed}")
+        f"time {result['seconds']:.1f}s {speed}"
+        f"{' (architecture frozen)' if epoch < args.arch_warmup_epochs else ''}")
     log(f"genotype {genotype}")
     for name, weights in arch.items():
         rounded = [[round(w, 4) for w in row] if isinstance(row, list) else round(row, 4)
