@@ -152,11 +152,12 @@ def test_capture_is_thread_local(monkeypatch):
 
 # -- the search loop ----------------------------------------------------------------------
 
-def _search(monkeypatch, graphs: bool, fail_at=(), strict: bool = False, epochs: int = 2):
-    """``epochs`` search epochs of 5 iterations (first order) and their evaluations,
-    on the run's two StepGraphs; returns (state, log lines, fake, Adam's step counts)."""
+def _search(monkeypatch, graphs: bool, fail_at=(), strict: bool = False):
+    """2 search epochs of 3 iterations (first order) and their evaluations, on the run's
+    two StepGraphs (one warm-up step: each epoch captures its second iteration);
+    returns (state, log lines, fake, Adam's step counts)."""
     torch.manual_seed(0)
-    network = Network(4, 10, 3, nn.CrossEntropyLoss(), "after_every", image_size=8)
+    network = Network(4, 10, 3, nn.CrossEntropyLoss(), "end", image_size=8)
     optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=0.9, weight_decay=3e-4,
                                 foreach=True)
     architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=False)
@@ -164,10 +165,11 @@ def _search(monkeypatch, graphs: bool, fail_at=(), strict: bool = False, epochs:
     fake.holders = [network, optimizer, architect.optimizer]
     lines = []
     step_graph, eval_graph = run_graphs(graphs, strict, lines.append)
+    step_graph.warmup = 1
     args = argparse.Namespace(grad_clip=5.0, channels_last=False, report_freq=0)
     precision = Precision(False, "bfloat16", CPU)
-    loader, arch = _loader(_batches(5, 8)), itertools.cycle(_batches(3, 8, seed=1))
-    for epoch in range(epochs):
+    loader, arch = _loader(_batches(3, 8)), itertools.cycle(_batches(2, 8, seed=1))
+    for epoch in range(2):
         searching.search_epoch(network, architect, optimizer, loader, arch, 0.025 / (epoch + 1),
                                precision, RUNTIME, args, lines.append, step_graph)
         searching.evaluate_supernet(network, loader, precision, RUNTIME, False, eval_graph)
@@ -183,7 +185,7 @@ def test_a_failed_search_capture_falls_back_to_eager_steps(monkeypatch, fail_at)
     eager, eager_lines, _, _ = _search(monkeypatch, graphs=False)
     graphed, lines, fake, steps = _search(monkeypatch, graphs=True, fail_at=[fail_at])
     assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
-    assert steps and set(steps) == {10}  # 2 epochs of 5 architecture steps, none twice
+    assert steps and set(steps) == {6}  # 2 epochs of 3 architecture steps, none twice
     assert fake.attempts == fail_at and fake.modes == ["thread_local"] * fail_at
     failures = [line for line in lines if "CUDA graphs" in line]
     assert len(failures) == 1 and "--no-cuda_graphs" in failures[0]
@@ -263,9 +265,10 @@ def _train(monkeypatch, graphs: bool, fail_at=()):
     fake.holders = [network, optimizer]
     lines = []
     step_graph, _ = run_graphs(graphs, False, lines.append)
+    step_graph.warmup = 1
     args = argparse.Namespace(grad_clip=5.0, channels_last=False, report_freq=0,
                               auxiliary_weight=0.4)
-    loader = _loader(_batches(5, 32))
+    loader = _loader(_batches(3, 32))
     for _ in range(2):
         train_epoch(network, loader, nn.CrossEntropyLoss(), optimizer,
                     Precision(False, "bfloat16", CPU), RUNTIME, args, lines.append, step_graph)
