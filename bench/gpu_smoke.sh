@@ -18,27 +18,32 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: bash bench/gpu_smoke.sh DATA [OUTPUT]}
 OUT=${2:-$(mktemp -d)}
+mkdir -p "$OUT"
 SEARCH_SIZE=${SEARCH_SIZE:-}
 TRAIN_SIZE=${TRAIN_SIZE:---init_ch 16 --layers 8 --batchsz 96}
 python -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU (no CUDA)')"
 
-# graphs_report TITLE DIR: the CUDA-graph lines of the one run under DIR.
-graphs_report() {
-  local run
-  run=$(ls -d "$2"/*/ | head -n 1)
-  echo "== $1: $run"
-  grep -h "CUDA graphs" "$run/log.txt" | sed 's/^/   /' || echo "   (no CUDA graphs line)"
-  grep -h "^.\{20\}epoch [0-9]" "$run/log.txt" | sed 's/^/   /' || true
-}
-
-# run TITLE DIR COMMAND...: the command, timed, then its report.
+# run TITLE DIR COMMAND...: the command (its output in OUT/*.out, shown when it fails),
+# then what the run under DIR logged meanwhile: its "CUDA graphs" lines (a new run's
+# on or off and why; the line of a failed capture, after which the run went on
+# eagerly) and its epoch lines.
 run() {
-  local title=$1 dir=$2 started=$SECONDS
+  local title=$1 dir=$2 started=$SECONDS before=0 output log
   shift 2
-  echo "== $title"
-  "$@"
+  output="$OUT/$(echo "$title" | tr -c 'a-zA-Z0-9' _).out"
+  log=$(ls "$dir"/*/log.txt 2>/dev/null | head -n 1 || true)
+  [[ -n $log ]] && before=$(wc -l < "$log")
+  echo "== $title: $*"
+  if ! "$@" > "$output" 2>&1; then
+    tail -n 40 "$output"
+    echo "== FAILED: $title (output in $output)"
+    exit 1
+  fi
+  log=$(ls "$dir"/*/log.txt | head -n 1)
+  tail -n +$((before + 1)) "$log" | grep "CUDA graphs" | sed 's/^/   /' \
+    || echo "   no CUDA graphs line: graphs as the flags say, no capture failed"
+  tail -n +$((before + 1)) "$log" | grep "^.\{20\}epoch [0-9]" | cut -c 1-160 | sed 's/^/   /' || true
   echo "   ($((SECONDS - started)) s)"
-  graphs_report "$title" "$dir"
 }
 
 # shellcheck disable=SC2086  # the size flags are word lists

@@ -177,6 +177,7 @@ def _search(monkeypatch, graphs: bool, fail_at=(), strict: bool = False):
     return _state(network, optimizer, architect.optimizer), lines, fake, steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [1, 3], ids=["first_capture", "next_epoch"])
 def test_a_failed_search_capture_falls_back_to_eager_steps(monkeypatch, fail_at):
     """Capture 1 is epoch 1's iteration, 2 its evaluation, 3 epoch 2's iteration.
@@ -193,6 +194,7 @@ def test_a_failed_search_capture_falls_back_to_eager_steps(monkeypatch, fail_at)
     assert not any("CUDA graphs" in line for line in eager_lines)
 
 
+@pytest.mark.slow
 def test_graphs_hold_one_pool_and_no_gradients_at_a_capture(monkeypatch):
     _, lines, fake, _ = _search(monkeypatch, graphs=True)
     assert fake.attempts == 4 and not lines  # two iterations and two evaluations captured
@@ -200,10 +202,40 @@ def test_graphs_hold_one_pool_and_no_gradients_at_a_capture(monkeypatch):
     assert fake.grads_at_capture == [0, 0, 0, 0]
 
 
+@pytest.mark.slow
 def test_an_explicit_cuda_graphs_stops_at_a_failed_capture(monkeypatch):
     with pytest.raises(UserError, match="--no-cuda_graphs") as error:
         _search(monkeypatch, graphs=True, fail_at=[3], strict=True)
     assert "capturing the step failed" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_failed_capture_runs_that_step_eagerly_once(monkeypatch, strict):
+    """The quick tier's check of the fallback (the loops' are below, slow)."""
+    fake = FakeCuda(fail_at=[2]).install(monkeypatch)
+    total, lines = torch.zeros(()), []
+
+    def step(x):
+        total.add_(x.sum())
+        return (total.clone(),)
+
+    fake.holders = [nn.Module()]
+    fake.holders[0].register_buffer("total", total)
+    graph, evaluation = run_graphs(True, strict, lines.append)
+    graph.reset(step)
+    graph.warmup = 1
+    for epoch in range(2):
+        graph.reset()
+        for _ in range(3):
+            if strict and epoch == 1:
+                with pytest.raises(UserError, match="--no-cuda_graphs"):
+                    graph(torch.ones(2))
+                return
+            graph(torch.ones(2))
+    # 6 steps of 2 each, none lost or applied twice; epoch 1 captured, epoch 2 eager.
+    assert float(total) == 12.0 and graph.captures == 1 and fake.attempts == 2
+    assert not graph.enabled and not evaluation.enabled and fake.alive() == 0
+    assert len(lines) == 1 and "--no-cuda_graphs" in lines[0]
 
 
 def test_a_failed_replay_runs_that_step_eagerly_once(monkeypatch):
@@ -241,11 +273,10 @@ def test_the_hessian_runs_with_no_graph_held(monkeypatch):
         graph(x)
     assert graph.captured and fake.alive() == 1
     alive = []
-    original = searching.curvature.dominant_eigenvalue
 
     def eigenvalue(*args, **kwargs):
         alive.append(fake.alive())
-        return original(*args, **kwargs)
+        return searching.curvature.Eigenvalue(1.0, 1, 0.0, True)
 
     monkeypatch.setattr(searching.curvature, "dominant_eigenvalue", eigenvalue)
     net = SimpleNamespace(network=network, graph=graph, eval_graph=eval_graph,
@@ -275,6 +306,7 @@ def _train(monkeypatch, graphs: bool, fail_at=()):
     return _state(network, optimizer), lines, fake
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [1, 2], ids=["first_capture", "next_epoch"])
 def test_a_failed_training_capture_falls_back_to_eager_steps(monkeypatch, fail_at):
     eager, _, _ = _train(monkeypatch, graphs=False)
