@@ -152,6 +152,16 @@ def test_capture_is_thread_local(monkeypatch):
 
 # -- the search loop ----------------------------------------------------------------------
 
+_EAGER = {}
+
+
+def _eager(run, monkeypatch):
+    """``run``'s eager result, computed once for the module: the reference."""
+    if run not in _EAGER:
+        _EAGER[run] = run(monkeypatch, graphs=False)
+    return _EAGER[run]
+
+
 def _search(monkeypatch, graphs: bool, fail_at=(), strict: bool = False):
     """2 search epochs of 3 iterations (first order) and their evaluations, on the run's
     two StepGraphs (one warm-up step: each epoch captures its second iteration);
@@ -183,7 +193,7 @@ def test_a_failed_search_capture_falls_back_to_eager_steps(monkeypatch, fail_at)
     """Capture 1 is epoch 1's iteration, 2 its evaluation, 3 epoch 2's iteration.
     The run goes on eagerly, ends where an eager run ends (the step whose capture
     failed ran once), and says so in one line."""
-    eager, eager_lines, _, _ = _search(monkeypatch, graphs=False)
+    eager, eager_lines, _, _ = _eager(_search, monkeypatch)
     graphed, lines, fake, steps = _search(monkeypatch, graphs=True, fail_at=[fail_at])
     assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
     assert steps and set(steps) == {6}  # 2 epochs of 3 architecture steps, none twice
@@ -309,7 +319,7 @@ def _train(monkeypatch, graphs: bool, fail_at=()):
 @pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [1, 2], ids=["first_capture", "next_epoch"])
 def test_a_failed_training_capture_falls_back_to_eager_steps(monkeypatch, fail_at):
-    eager, _, _ = _train(monkeypatch, graphs=False)
+    eager, _, _ = _eager(_train, monkeypatch)
     graphed, lines, fake = _train(monkeypatch, graphs=True, fail_at=[fail_at])
     assert fake.attempts == fail_at
     assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
