@@ -13,7 +13,8 @@ running statistics are those of the weight step: these forwards normalise with
 batch statistics and leave the running ones alone.  Under torchrun every gradient
 is averaged over processes and the new A is broadcast from rank 0, so all ranks
 hold bit-identical A.
-The step runs in float32 whatever ``--amp`` says (see ``_loss``).
+The step runs in float32 whatever ``--amp`` says (see ``_loss``), and the second
+order's passes in IEEE float32 on CUDA, not TF32 (``precision.exact_float32``).
 """
 from typing import Dict, List, Tuple
 
@@ -23,6 +24,7 @@ import torch.nn as nn
 from model_search import Network
 from runtime.recompute import batch_norms, batch_statistics_only
 from runtime.parallel import all_reduce_mean_, broadcast_, unwrap
+from runtime.precision import exact_float32
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -97,6 +99,15 @@ class Architect:
     def second_order_gradient(self, x_train: torch.Tensor, y_train: torch.Tensor,
                               x_valid: torch.Tensor, y_valid: torch.Tensor,
                               lr: float) -> List[torch.Tensor]:
+        # In IEEE float32 on CUDA, not TF32: TF32 rounds the virtual step and the
+        # perturbation eps v away (see precision.exact_float32); the weight step may
+        # use TF32.
+        with exact_float32():
+            return self._second_order_gradient(x_train, y_train, x_valid, y_valid, lr)
+
+    def _second_order_gradient(self, x_train: torch.Tensor, y_train: torch.Tensor,
+                               x_valid: torch.Tensor, y_valid: torch.Tensor,
+                               lr: float) -> List[torch.Tensor]:
         weights, arch = self._current()
         frozen_arch = {k: a.detach() for k, a in arch.items()}
 

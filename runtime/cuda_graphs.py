@@ -25,11 +25,26 @@ A capturable step has static shapes, no host synchronisation (``dispatch.HostSyn
 finds those on a CPU) and optimizers created with ``capturable=True`` where they
 have that flag.  Graphs need one device and one process: ``use_cuda_graphs`` turns
 them off otherwise.
+
+Capture is ``thread_local``: the DataLoaders' pin-memory threads keep calling CUDA
+while a step is captured, which would invalidate a ``global`` capture.  A capture or
+a replay that fails anyway goes to the run's ``GraphGroup``: under ``auto`` one
+line in the log and eager steps from then on (a failed capture ran no kernel, so the
+step it was capturing runs once, eagerly); with ``--cuda_graphs`` a ``UserError``.
+
+Memory: a graph's private pool holds its step's intermediates until the graph, its
+static tensors and whatever else points into the pool (the gradients a step leaves
+behind) are gone.  ``reset`` drops the graph's own references, a capture those of the
+run's other graphs (``GraphGroup``), and the steps leave no gradients
+(``experiment.weight_step``): each capture (whose entry empties PyTorch's cache) and
+the Hessian's double backward find the old pools free.
 """
 import argparse
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
+
+from runtime.errors import UserError
 
 Shapes = Tuple[Tuple[Tuple[int, ...], torch.dtype], ...]
 
@@ -64,15 +79,59 @@ def _shapes(tensors: Sequence[torch.Tensor]) -> Shapes:
     return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
 
+class GraphGroup:
+    """The ``StepGraph``s of one run.  They share what a failed capture or replay does:
+    with ``strict`` (``--cuda_graphs`` given) the run stops with one line; otherwise one
+    line goes to ``log`` and every step of every graph runs eagerly for the rest of the
+    run.  And they hold one private memory pool at a time: ``release`` drops their
+    graphs, as every capture does first for the others' (each graph of a run is
+    captured anew before its next use anyway: every epoch, every evaluation)."""
+
+    def __init__(self, strict: bool, log: Callable[[str], None] = print):
+        self.strict = strict
+        self.log = log
+        self.failed = False
+        self.graphs: List["StepGraph"] = []
+
+    def release(self, keep: Optional["StepGraph"] = None) -> None:
+        for graph in self.graphs:
+            if graph is not keep:
+                graph.reset()
+
+    def fail(self, what: str, error: Exception) -> None:
+        cause = f"{what} failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})"
+        if self.strict:
+            raise UserError(f"CUDA graphs: {cause}; --cuda_graphs was given, so the run stops: "
+                            f"run with --no-cuda_graphs (or leave the flag out to fall back to "
+                            f"eager steps)") from None
+        self.failed = True
+        self.log(f"CUDA graphs: {cause}; the run continues without CUDA graphs, every step "
+                 f"eager (--no-cuda_graphs turns them off and silences this line)")
+
+
+def run_graphs(enabled: bool, strict: bool, log: Callable[[str], None],
+               steps: int = 1) -> Tuple["StepGraph", ...]:
+    """A run's ``StepGraph``s, one ``GraphGroup``: ``steps`` step graphs (3 warm-up
+    steps each), then its evaluation's (1); their steps are given by ``reset``."""
+    group = GraphGroup(strict, log)
+    return (*(StepGraph(None, enabled, group=group) for _ in range(steps)),
+            StepGraph(None, enabled, warmup=1, group=group))
+
+
 class StepGraph:
     """Run ``step`` eagerly, or captured in a CUDA graph and replayed (see the module
     docstring).  ``enabled=False`` is exactly ``step``: the CPU's path.  ``step`` may
-    be given later, by ``reset``."""
+    be given later, by ``reset``.  ``group``: the run's graphs (without one, a failed
+    capture or replay raises its error)."""
 
-    def __init__(self, step: Optional[Callable[..., Any]], enabled: bool, warmup: int = 3):
+    def __init__(self, step: Optional[Callable[..., Any]], enabled: bool, warmup: int = 3,
+                 group: Optional[GraphGroup] = None):
         self.step = step
-        self.enabled = enabled
+        self._enabled = enabled
         self.warmup = warmup
+        self.group = group
+        if group is not None:
+            group.graphs.append(self)
         self.warmed = 0
         self.captures = 0
         self._graph: Optional[torch.cuda.CUDAGraph] = None
@@ -80,9 +139,14 @@ class StepGraph:
         self._static_outputs: Any = None
         self._shapes: Optional[Shapes] = None
 
+    @property
+    def enabled(self) -> bool:
+        return self._enabled and not (self.group is not None and self.group.failed)
+
     def reset(self, step: Optional[Callable[..., Any]] = None) -> None:
         """What the step reads besides its inputs changed (or, given, the step itself):
-        capture anew at the next call.  Warm-up is done once per ``StepGraph``."""
+        capture anew at the next call.  Drops the graph and its static tensors, so
+        that its memory pool can be freed.  Warm-up is done once per ``StepGraph``."""
         if step is not None:
             self.step = step
         self._graph = None
@@ -101,11 +165,27 @@ class StepGraph:
             if self.warmed < self.warmup:
                 self.warmed += 1
                 return self._on_side_stream(inputs)
-            self._capture(inputs)
+            if not self._guarded("capturing the step", self._capture, inputs):
+                return self.step(*inputs)
         for static, tensor in zip(self._static_inputs, inputs):
             static.copy_(tensor, non_blocking=True)
-        self._graph.replay()
+        if not self._guarded("replaying the step", self._graph.replay):
+            return self.step(*inputs)
         return self._static_outputs
+
+    def _guarded(self, what: str, action: Callable[..., Any], *args: Any) -> bool:
+        """Run ``action``; whether it succeeded.  A failure (no kernel ran: a capture
+        records kernels without running them, a replay that fails does not launch)
+        drops the graph and goes to the group."""
+        try:
+            action(*args)
+        except Exception as error:  # CUDA's errors come as RuntimeErrors, mostly
+            if self.group is None:
+                raise
+            self.reset()
+            self.group.fail(what, error)
+            return False
+        return True
 
     def _on_side_stream(self, inputs: Sequence[torch.Tensor]) -> Any:
         """An eager step on a side stream, ordered after and before the current stream's
@@ -121,8 +201,11 @@ class StepGraph:
         # clone() keeps each input's memory format (channels-last batches stay so).
         self._static_inputs = [tensor.clone() for tensor in inputs]
         self._shapes = _shapes(inputs)
+        if self.group is not None:
+            self.group.release(keep=self)  # before the capture empties PyTorch's cache
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls of other threads (pin memory) cannot break the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._static_outputs = self.step(*self._static_inputs)
         self._graph = graph
         self.captures += 1

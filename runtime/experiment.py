@@ -40,6 +40,9 @@ CHECKPOINT_KEYS = ("state_dict", "scaler", "epoch", "rng", "args", "genotype")
 # in which precision it computes, and its length (a finished run can be extended: its
 # schedule follows the new --epochs, see ``resumed_schedule``).  Every other flag must
 # be the checkpoint's.  A training run compares its genotype itself, not --arch/--arch_path.
+# What an optimizer's param_groups say about how this run computes, not about the
+# optimisation itself: a resumed run keeps its own (see ``load_optimizer_state``).
+RUN_SETTINGS = ("capturable", "foreach", "fused", "differentiable")
 RESUME_FREE_FLAGS = frozenset({"checkpoint_path", "data", "exp_path", "workers", "report_freq",
                                "amp", "amp_dtype", "channels_last", "recompute", "epochs",
                                "arch", "arch_path", "cuda_graphs", "device_loader"})
@@ -227,6 +230,9 @@ def weight_step(loss: torch.Tensor, optimizer: Optimizer, parameters: Iterable[n
     nn.utils.clip_grad_norm_(parameters, grad_clip, foreach=True)
     precision.scaler.step(optimizer)
     precision.scaler.update()
+    # No gradient outlives the step: under a CUDA graph they live in its private pool,
+    # which could not be freed before the next capture or the Hessian otherwise.
+    optimizer.zero_grad(set_to_none=True)
 
 
 # -- learning-rate schedules ----------------------------------------------------------------
@@ -371,12 +377,31 @@ def restore(state: Mapping[str, Any], path: str, network: nn.Module,
     load_state_dict_checked(network, state["state_dict"], path)
     try:
         for key, optimizer in optimizers.items():
-            optimizer.load_state_dict(state[key])
-        precision.scaler.load_state_dict(state["scaler"])
+            load_optimizer_state(optimizer, state[key])
+        precision.load_scaler_state(state["scaler"])
     except (ValueError, KeyError, RuntimeError) as error:
         raise UserError(f"{path}: the optimizer state does not fit this run "
                         f"({str(error).splitlines()[0][:160]})") from None
     restore_rng(state["rng"], runtime, seed)
+
+
+def load_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any]) -> None:
+    """``optimizer.load_state_dict``, keeping what depends on this run rather than on the
+    one that wrote the checkpoint: ``RUN_SETTINGS`` (a run with CUDA graphs needs
+    ``capturable``, one on the CPU must not have it) and where the step counters live
+    (on the parameter's device for a capturable or fused step, on the CPU otherwise)."""
+    own = [{key: group[key] for key in RUN_SETTINGS if key in group}
+           for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, own):
+        group.update(settings)
+        on_device = group.get("capturable") or group.get("fused")
+        for param in group["params"]:
+            param_state = optimizer.state.get(param, {})
+            step = param_state.get("step")
+            if isinstance(step, torch.Tensor):
+                param_state["step"] = step.to(param.device if on_device else "cpu",
+                                              torch.float32)
 
 
 # -- random state ------------------------------------------------------------------------------

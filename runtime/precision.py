@@ -7,7 +7,7 @@ in float32: autocast only changes the dtype inside forward passes.  The search's
 architecture step ignores it and runs in float32 (see architect.py)."""
 import argparse
 import contextlib
-from typing import ContextManager
+from typing import Any, ContextManager, Iterator, Mapping
 
 import torch
 
@@ -27,11 +27,41 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
+    def load_scaler_state(self, state: Mapping[str, Any]) -> None:
+        """The gradient scaler's state from a checkpoint.  One written without float16
+        (float32, bfloat16: an empty state) leaves a float16 run's scaler at its start."""
+        if state:
+            self.scaler.load_state_dict(state)
+
     def __repr__(self) -> str:
         if not self.enabled:
             return "float32"
         return f"autocast {str(self.dtype).replace('torch.', '')} on {self.device_type}" + (
             " with gradient scaling" if self.scaler.is_enabled() else "")
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """CUDA's float32 matrix products and convolutions in IEEE float32, not TF32, inside
+    the block; the settings before it come back after (on an exception too).
+
+    On Ampere and newer cards cuDNN convolves float32 in TF32 by default, whose 10-bit
+    mantissa rounds at about 5e-4 (relative): the architect's finite-difference
+    perturbation (about 1e-4 of a weight) would round away.  These are host-side
+    settings, read when a kernel is chosen (or captured): no synchronisation.
+    Convolutions take torch 2.9+'s ``fp32_precision`` (the legacy ``allow_tf32``
+    flags are being deprecated); matrix products go through
+    ``set_float32_matmul_precision``, which keeps the legacy and the new setting in
+    step: torch refuses a matrix product while the two disagree."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = torch.get_float32_matmul_precision(), matmul.fp32_precision, conv.fp32_precision
+    torch.set_float32_matmul_precision("highest")
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        matmul.fp32_precision, conv.fp32_precision = before[1:]
 
 
 def add_precision_flags(parser: argparse.ArgumentParser,

@@ -35,7 +35,7 @@ from runtime import data
 from runtime import parallel
 from architect import Architect
 from runtime.complexity import count_parameters
-from runtime.cuda_graphs import StepGraph, use_cuda_graphs
+from runtime.cuda_graphs import StepGraph, run_graphs, use_cuda_graphs
 from runtime.diagnostics import describe, epoch_diagnostics, scalars
 from runtime.early_stop import EarlyStop
 from runtime.errors import UserError
@@ -266,11 +266,12 @@ def search(args: argparse.Namespace) -> None:
     try:
         args.channels_last = resolve_channels_last(args.channels_last, runtime.device)
         args.recompute, recompute_reason = resolve_recompute(args.recompute, runtime.device)
+        strict_graphs = args.cuda_graphs is True  # asked for: a failed capture stops the run
         args.cuda_graphs, graphs_reason = use_cuda_graphs(
             args.cuda_graphs, runtime.device, parallel.replicas(runtime),
             scaled=args.amp and args.amp_dtype == "float16")
         reasons = {"recompute": recompute_reason, "cuda_graphs": graphs_reason}
-        run_search(args, location, runtime, early_stop, reasons)
+        run_search(args, location, runtime, early_stop, reasons, strict_graphs)
     finally:
         parallel.teardown()
 
@@ -352,10 +353,11 @@ def load_search_data(args: argparse.Namespace, runtime: Runtime) -> SearchData:
 
 
 def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
-                   halves: SearchData) -> Supernet:
-    """The supernet on this process's device, wrapped for data parallelism, and its
-    optimizers.  Optimizers use their multi-tensor (foreach) kernels: a handful of
-    launches per step instead of several per parameter tensor."""
+                   halves: SearchData, graphs: Tuple[StepGraph, StepGraph, StepGraph]) -> Supernet:
+    """The supernet on this process's device, wrapped for data parallelism, its
+    optimizers and ``graphs`` (``cuda_graphs.run_graphs``: the search iteration's, the
+    warm-up epochs' and evaluation's).  Optimizers use their multi-tensor (foreach)
+    kernels: a handful of launches per step instead of several per parameter tensor."""
     precision = Precision(args.amp, args.amp_dtype, runtime.device)
     network = Network(args.init_ch, halves.num_classes, args.layers, nn.CrossEntropyLoss(),
                       location, recompute=args.recompute, partial_channels=args.partial_channels,
@@ -370,14 +372,7 @@ def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Run
     hessian_batches = (curvature.fixed_subset(halves.arch_half, halves.hessian_images,
                                               args.batchsz, runtime, args.channels_last)
                        if args.hessian_every else [])
-    graph = StepGraph(None, enabled=args.cuda_graphs)
-    # Iterations of the warm-up epochs (weight step only) are a graph of their own, with
-    # their own warm-up: the first bilevel iteration must not be captured before the
-    # architecture optimizer has made its state.
-    frozen_graph = StepGraph(None, enabled=args.cuda_graphs)
-    eval_graph = StepGraph(None, enabled=args.cuda_graphs, warmup=1)
-    return Supernet(network, model, optimizer, architect, precision, graph, frozen_graph,
-                    eval_graph, hessian_batches)
+    return Supernet(network, model, optimizer, architect, precision, *graphs, hessian_batches)
 
 
 def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: Supernet,
@@ -419,8 +414,10 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
 
 
 def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
-               early_stop: Optional[EarlyStop], reasons: Dict[str, str]) -> None:
-    """This process's part of the search: data, supernet, resume, then the epochs."""
+               early_stop: Optional[EarlyStop], reasons: Dict[str, str],
+               strict_graphs: bool) -> None:
+    """This process's part of the search: data, supernet, resume, then the epochs
+    (``strict_graphs``: a failed CUDA-graph capture stops the run)."""
     path = checkpoint_file(args.checkpoint_path) if args.checkpoint_path else None
     state = load_checkpoint(path, args, "search", ("weight_optimizer", "arch_optimizer",
                                                    "arch_batches")) if path else None
@@ -432,7 +429,12 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
     # Created only once the data is there: a failed start leaves no empty directory.
     run_dir = run_directory(path, args.exp_path, runtime)
     log = RunLog(run_dir)
-    net = build_supernet(args, location, runtime, halves)
+    net = build_supernet(args, location, runtime, halves,
+                         # Iterations of the warm-up epochs (weight step only) are a graph
+                         # of their own, with their own warm-up: the first bilevel iteration
+                         # must not be captured before the architecture optimizer has made
+                         # its state.
+                         run_graphs(args.cuda_graphs, strict_graphs, log, steps=2))
     progress_state = start_or_resume(state, path, net, halves, args, runtime, location, reasons,
                                      log, run_dir)
     metrics = Metrics(run_dir, resumed_after=progress_state.start_epoch)
@@ -515,6 +517,8 @@ def measure_curvature(net: Supernet, halves: SearchData, args: argparse.Namespac
                       log: RunLog) -> curvature.Eigenvalue:
     """The dominant Hessian eigenvalue in architecture space, logged."""
     started = time.time()
+    # The graphs' private pools go before the double backward, which needs the memory.
+    net.graph.group.release()
     eigenvalue = curvature.dominant_eigenvalue(net.network, net.hessian_batches,
                                                args.hessian_iterations)
     log(f"hessian: dominant eigenvalue {eigenvalue.value:.6e} ({halves.hessian_images} images, "

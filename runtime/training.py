@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from runtime import data
 from runtime import parallel
 from runtime.complexity import count_macs, count_parameters
-from runtime.cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
+from runtime.cuda_graphs import (GraphGroup, StepGraph, add_cuda_graph_flag, run_graphs,
+                                 use_cuda_graphs)
 from runtime.errors import UserError
 from runtime.experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog, atomic_save,
                         checkpoint_file, evaluate, load_checkpoint, load_weights, progress,
@@ -279,9 +280,10 @@ def make_train_loader(args: argparse.Namespace, runtime: Runtime, train_set: Dat
 
 def prepare_training(args: argparse.Namespace, runtime: Runtime, network: nn.Module,
                      genotype: Genotype, train_set: Dataset, test_set: Dataset,
-                     dataset: str) -> TrainingRun:
+                     dataset: str, strict_graphs: bool) -> TrainingRun:
     """Loaders, the network on its device with its optimizer, the run directory, and
-    the checkpoint to resume (checked against the architecture)."""
+    the checkpoint to resume (checked against the architecture).  ``strict_graphs``:
+    a failed CUDA-graph capture stops the run."""
     train_loader = make_train_loader(args, runtime, train_set, dataset)
     test_loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
     precision = precision_of(args, runtime)
@@ -297,10 +299,9 @@ def prepare_training(args: argparse.Namespace, runtime: Runtime, network: nn.Mod
             raise UserError(f"{path} was trained with another architecture; resume with the "
                             f"run's --arch/--arch_path")
     run_dir = run_directory(path, args.exp_path, runtime)
+    log = RunLog(run_dir)
     run = TrainingRun(network, parallel.wrap(network, runtime), optimizer, precision, train_loader,
-                      test_loader, StepGraph(None, enabled=args.cuda_graphs),
-                      StepGraph(None, enabled=args.cuda_graphs, warmup=1), run_dir,
-                      RunLog(run_dir))
+                      test_loader, *run_graphs(args.cuda_graphs, strict_graphs, log), run_dir, log)
     if state is not None:
         restore(state, path, network, {"optimizer": optimizer}, precision, runtime, args.seed)
         run.start_epoch, run.best_acc = state["epoch"], state["best_acc"]
@@ -388,12 +389,14 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     reasons = {}
+    strict_graphs = args.cuda_graphs is True  # asked for: a failed capture stops the run
     args.cuda_graphs, reasons["cuda_graphs"] = use_cuda_graphs(
         args.cuda_graphs, runtime.device, parallel.replicas(runtime),
         scaled=args.amp and args.amp_dtype == "float16")
     args.device_loader, reasons["device_loader"] = data.use_device_loader(
         getattr(args, "device_loader", False), runtime.device, dataset)
-    run = prepare_training(args, runtime, network, genotype, train_set, test_set, dataset)
+    run = prepare_training(args, runtime, network, genotype, train_set, test_set, dataset,
+                           strict_graphs)
     resumed = run.last_test is not None
     if not resumed:
         log_start(run, args, runtime, genotype, train_set, test_set, input_size, reasons)
@@ -452,8 +455,10 @@ def test(args: argparse.Namespace, dataset: str, topk: Sequence[int] = (1,)) -> 
         model = network if runtime.distributed else parallel.wrap(network, runtime)
         loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
         graphs, _ = use_cuda_graphs(args.cuda_graphs, runtime.device, parallel.replicas(runtime))
+        graph = StepGraph(None, graphs, warmup=1,
+                          group=GraphGroup(strict=args.cuda_graphs is True))
         result = test_accuracy(model, loader, runtime, precision_of(args, runtime),
-                               args.channels_last, topk, StepGraph(None, graphs, warmup=1))
+                               args.channels_last, topk, graph)
         if runtime.is_main:
             print(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded)")
             print(f"test {result}")

@@ -1,0 +1,444 @@
+"""The CUDA-graph path on the CPU, with fakes standing in for torch.cuda's streams,
+``CUDAGraph`` and ``graph``: the capture mode, a failed capture (at the first capture
+and at a later epoch's) in the search and the training loops, one private pool at a
+time, resuming across modes, and the second order's passes in IEEE float32.
+
+The fake capture runs the step and puts every tensor of the network and the
+optimizers (and the random state) back as it found them: a real capture records
+kernels without running them.  A fake replay runs the step on the static inputs and
+copies its outputs into the static outputs, as a replay would."""
+import argparse
+import itertools
+import weakref
+from contextlib import nullcontext
+from types import SimpleNamespace
+from typing import List
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from architect import Architect
+from genotypes import Att_DARTS
+from model import NetworkCIFAR
+from model_search import Network
+from runtime import searching
+from runtime.cuda_graphs import StepGraph, run_graphs
+from runtime.errors import UserError
+from runtime.experiment import load_optimizer_state, restore, rng_state
+from runtime.parallel import Runtime
+from runtime.precision import Precision, exact_float32
+from runtime.training import train_epoch
+
+CPU = torch.device("cpu")
+RUNTIME = Runtime(CPU)
+FAILURE = "CUDA error: operation not permitted when stream is capturing"
+
+
+class FakeCuda:
+    """torch.cuda's graph machinery on the CPU (see the module docstring).  ``fail_at``:
+    the capture attempts (counted from 1) that raise, after their step ran and its
+    effects were undone."""
+
+    def __init__(self, fail_at=()):
+        self.fail_at = set(fail_at)
+        self.holders: List[object] = []  # modules and optimizers whose tensors a capture restores
+        self.attempts = 0
+        self.modes: List[str] = []
+        self.graphs: List[weakref.ref] = []
+        self.alive_at_capture: List[int] = []
+        self.grads_at_capture: List[int] = []
+        self.capturing: StepGraph = None
+
+    def tensors(self) -> List[torch.Tensor]:
+        found = []
+        for holder in self.holders:
+            if isinstance(holder, nn.Module):
+                found += list(holder.parameters()) + list(holder.buffers())
+            else:
+                found += [v for state in holder.state.values() for v in state.values()
+                          if isinstance(v, torch.Tensor)]
+        return found
+
+    def alive(self) -> int:
+        return sum(ref() is not None for ref in self.graphs)
+
+    def install(self, monkeypatch) -> "FakeCuda":
+        fake = self
+        original = StepGraph._capture
+
+        def capture(graph, inputs):
+            fake.capturing = graph
+            original(graph, inputs)
+
+        class Graph:
+            def __init__(self):
+                self.owner = fake.capturing
+                fake.graphs.append(weakref.ref(self))
+
+            def replay(self):
+                owner = self.owner
+                outputs = owner.step(*owner._static_inputs)
+                for static, new in zip(owner._static_outputs, outputs):
+                    if static is not None:
+                        static.copy_(new)
+
+        class Capture:
+            def __init__(self, graph, capture_error_mode="global"):
+                fake.modes.append(capture_error_mode)
+
+            def __enter__(self):
+                fake.attempts += 1
+                # This graph exists already: the others must be gone by now.
+                fake.alive_at_capture.append(fake.alive() - 1)
+                fake.grads_at_capture.append(sum(
+                    p.grad is not None for h in fake.holders if isinstance(h, nn.Module)
+                    for p in h.parameters()))
+                self.saved = [t.clone() for t in fake.tensors()]
+                self.rng = torch.get_rng_state()
+
+            def __exit__(self, *exc):
+                with torch.no_grad():
+                    for tensor, saved in zip(fake.tensors(), self.saved):
+                        tensor.copy_(saved)
+                torch.set_rng_state(self.rng)
+                if fake.attempts in fake.fail_at:
+                    raise RuntimeError(FAILURE)
+                return False
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(StepGraph, "_capture", capture)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", Capture)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+        return self
+
+
+def _batches(count: int, size: int, batch: int = 4, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=generator),
+             torch.randint(0, 10, (batch,), generator=generator)) for _ in range(count)]
+
+
+def _loader(batches) -> DataLoader:
+    images = torch.cat([x for x, _ in batches])
+    targets = torch.cat([y for _, y in batches])
+    return DataLoader(TensorDataset(images, targets), batch_size=batches[0][0].size(0))
+
+
+def _state(module: nn.Module, *optimizers) -> List[torch.Tensor]:
+    return [t.detach().clone() for t in itertools.chain(
+        module.parameters(), module.buffers(),
+        *[[v for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+          for o in optimizers])]
+
+
+def test_capture_is_thread_local(monkeypatch):
+    """Pin-memory threads call CUDA during a capture: only a thread_local capture
+    survives them."""
+    fake = FakeCuda().install(monkeypatch)
+    graph = StepGraph(lambda x: (x * 2,), enabled=True, warmup=1)
+    for i in range(4):
+        x = torch.full((3,), float(i))
+        assert torch.equal(graph(x)[0], x * 2)
+    assert fake.modes == ["thread_local"] and graph.captures == 1
+
+
+# -- the search loop ----------------------------------------------------------------------
+
+_EAGER = {}
+
+
+def _eager(run, monkeypatch):
+    """``run``'s eager result, computed once for the module: the reference."""
+    if run not in _EAGER:
+        _EAGER[run] = run(monkeypatch, graphs=False)
+    return _EAGER[run]
+
+
+def _search(monkeypatch, graphs: bool, fail_at=(), strict: bool = False):
+    """2 search epochs of 3 iterations (first order) and their evaluations, on the run's
+    two StepGraphs (one warm-up step: each epoch captures its second iteration);
+    returns (state, log lines, fake, Adam's step counts)."""
+    torch.manual_seed(0)
+    network = Network(4, 10, 3, nn.CrossEntropyLoss(), "end", image_size=8)
+    optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=0.9, weight_decay=3e-4,
+                                foreach=True)
+    architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=False)
+    fake = FakeCuda(fail_at).install(monkeypatch)
+    fake.holders = [network, optimizer, architect.optimizer]
+    lines = []
+    step_graph, eval_graph = run_graphs(graphs, strict, lines.append)
+    step_graph.warmup = 1
+    args = argparse.Namespace(grad_clip=5.0, channels_last=False, report_freq=0)
+    precision = Precision(False, "bfloat16", CPU)
+    loader, arch = _loader(_batches(3, 8)), itertools.cycle(_batches(2, 8, seed=1))
+    for epoch in range(2):
+        searching.search_epoch(network, architect, optimizer, loader, arch, 0.025 / (epoch + 1),
+                               precision, RUNTIME, args, lines.append, step_graph)
+        searching.evaluate_supernet(network, loader, precision, RUNTIME, False, eval_graph)
+    steps = [int(s["step"]) for s in architect.optimizer.state.values()]
+    return _state(network, optimizer, architect.optimizer), lines, fake, steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_at", [1, 3], ids=["first_capture", "next_epoch"])
+def test_a_failed_search_capture_falls_back_to_eager_steps(monkeypatch, fail_at):
+    """Capture 1 is epoch 1's iteration, 2 its evaluation, 3 epoch 2's iteration.
+    The run goes on eagerly, ends where an eager run ends (the step whose capture
+    failed ran once), and says so in one line."""
+    eager, eager_lines, _, _ = _eager(_search, monkeypatch)
+    graphed, lines, fake, steps = _search(monkeypatch, graphs=True, fail_at=[fail_at])
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    assert steps and set(steps) == {6}  # 2 epochs of 3 architecture steps, none twice
+    assert fake.attempts == fail_at and fake.modes == ["thread_local"] * fail_at
+    failures = [line for line in lines if "CUDA graphs" in line]
+    assert len(failures) == 1 and "--no-cuda_graphs" in failures[0]
+    assert "continues without CUDA graphs" in failures[0] and FAILURE in failures[0]
+    assert not any("CUDA graphs" in line for line in eager_lines)
+
+
+@pytest.mark.slow
+def test_graphs_hold_one_pool_and_no_gradients_at_a_capture(monkeypatch):
+    _, lines, fake, _ = _search(monkeypatch, graphs=True)
+    assert fake.attempts == 4 and not lines  # two iterations and two evaluations captured
+    assert fake.alive_at_capture == [0, 0, 0, 0]
+    assert fake.grads_at_capture == [0, 0, 0, 0]
+
+
+@pytest.mark.slow
+def test_an_explicit_cuda_graphs_stops_at_a_failed_capture(monkeypatch):
+    with pytest.raises(UserError, match="--no-cuda_graphs") as error:
+        _search(monkeypatch, graphs=True, fail_at=[3], strict=True)
+    assert "capturing the step failed" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_failed_capture_runs_that_step_eagerly_once(monkeypatch, strict):
+    """The quick tier's check of the fallback (the loops' are below, slow)."""
+    fake = FakeCuda(fail_at=[2]).install(monkeypatch)
+    total, lines = torch.zeros(()), []
+
+    def step(x):
+        total.add_(x.sum())
+        return (total.clone(),)
+
+    fake.holders = [nn.Module()]
+    fake.holders[0].register_buffer("total", total)
+    graph, evaluation = run_graphs(True, strict, lines.append)
+    graph.reset(step)
+    graph.warmup = 1
+    for epoch in range(2):
+        graph.reset()
+        for _ in range(3):
+            if strict and epoch == 1:
+                with pytest.raises(UserError, match="--no-cuda_graphs"):
+                    graph(torch.ones(2))
+                return
+            graph(torch.ones(2))
+    # 6 steps of 2 each, none lost or applied twice; epoch 1 captured, epoch 2 eager.
+    assert float(total) == 12.0 and graph.captures == 1 and fake.attempts == 2
+    assert not graph.enabled and not evaluation.enabled and fake.alive() == 0
+    assert len(lines) == 1 and "--no-cuda_graphs" in lines[0]
+
+
+def test_a_failed_replay_runs_that_step_eagerly_once(monkeypatch):
+    FakeCuda().install(monkeypatch)
+    calls, lines = [], []
+
+    def step(x):
+        calls.append(1)
+        return (x + 1,)
+
+    graph, _ = run_graphs(True, False, lines.append)
+    graph.reset(step)
+    graph.warmup = 0
+    graph(torch.zeros(2))  # captured (one fake run) and replayed (another)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay",
+                        lambda self: (_ for _ in ()).throw(RuntimeError("launch failed")))
+    calls.clear()
+    for _ in range(3):
+        assert torch.equal(graph(torch.ones(2))[0], torch.full((2,), 2.0))
+    assert len(calls) == 3 and not graph.captured and not graph.enabled
+    assert len(lines) == 1 and "replaying the step failed" in lines[0]
+
+
+def test_the_hessian_runs_with_no_graph_held(monkeypatch):
+    """--hessian_every: the double backward does not share the card with the graphs'
+    pools (their graphs dropped first)."""
+    fake = FakeCuda().install(monkeypatch)
+    torch.manual_seed(0)
+    network = Network(4, 10, 3, nn.CrossEntropyLoss(), "end", image_size=8)
+    graph, eval_graph = run_graphs(True, False, print)
+    graph.reset(lambda x: (network(x),))
+    graph.warmup = 0
+    x = _batches(1, 8)[0][0]
+    with torch.no_grad():
+        graph(x)
+    assert graph.captured and fake.alive() == 1
+    alive = []
+
+    def eigenvalue(*args, **kwargs):
+        alive.append(fake.alive())
+        return searching.curvature.Eigenvalue(1.0, 1, 0.0, True)
+
+    monkeypatch.setattr(searching.curvature, "dominant_eigenvalue", eigenvalue)
+    net = SimpleNamespace(network=network, graph=graph, eval_graph=eval_graph,
+                          hessian_batches=_batches(1, 8))
+    searching.measure_curvature(net, SimpleNamespace(hessian_images=4),
+                                argparse.Namespace(hessian_iterations=2), lambda line: None)
+    assert alive == [0] and not graph.captured
+
+
+# -- the training loop ----------------------------------------------------------------------
+
+def _train(monkeypatch, graphs: bool, fail_at=()):
+    torch.manual_seed(0)
+    network = NetworkCIFAR(4, 10, 3, False, Att_DARTS)
+    optimizer = torch.optim.SGD(network.parameters(), 0.025, momentum=0.9, foreach=True)
+    fake = FakeCuda(fail_at).install(monkeypatch)
+    fake.holders = [network, optimizer]
+    lines = []
+    step_graph, _ = run_graphs(graphs, False, lines.append)
+    step_graph.warmup = 1
+    args = argparse.Namespace(grad_clip=5.0, channels_last=False, report_freq=0,
+                              auxiliary_weight=0.4)
+    loader = _loader(_batches(3, 32))
+    for _ in range(2):
+        train_epoch(network, loader, nn.CrossEntropyLoss(), optimizer,
+                    Precision(False, "bfloat16", CPU), RUNTIME, args, lines.append, step_graph)
+    return _state(network, optimizer), lines, fake
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_at", [1, 2], ids=["first_capture", "next_epoch"])
+def test_a_failed_training_capture_falls_back_to_eager_steps(monkeypatch, fail_at):
+    eager, _, _ = _eager(_train, monkeypatch)
+    graphed, lines, fake = _train(monkeypatch, graphs=True, fail_at=[fail_at])
+    assert fake.attempts == fail_at
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    assert len(lines) == 1 and "--no-cuda_graphs" in lines[0]
+
+
+# -- resuming across modes --------------------------------------------------------------------
+
+MODES = {"cpu": (False, "bfloat16"), "graphs": (True, "bfloat16"), "float16": (False, "float16")}
+
+
+def _architecture(capturable: bool):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5))]
+    return params, torch.optim.Adam(params, 3e-4, betas=(0.5, 0.999), weight_decay=1e-3,
+                                    foreach=True, capturable=capturable)
+
+
+def _checkpoint(mode: str):
+    """What a run in ``mode`` saves after two Adam steps: a graph run's param_groups
+    say capturable (its step counters load onto the CPU from any device); a float16
+    run saves its scaler's state, the others an empty one."""
+    params, optimizer = _architecture(capturable=False)
+    for i in range(2):
+        for p in params:
+            p.grad = torch.full_like(p, 0.1 * (i + 1))
+        optimizer.step()
+    state = optimizer.state_dict()
+    state["param_groups"][0]["capturable"] = MODES[mode][0]
+    state["param_groups"][0]["foreach"] = None
+    amp_dtype = MODES[mode][1]
+    scaler = Precision(amp_dtype == "float16", amp_dtype, CPU).scaler
+    if scaler.is_enabled():  # a float16 run's scale moves away from its start
+        scaler.scale(torch.ones(()))
+        scaler.update(1024.0)
+    network = nn.Linear(2, 2)
+    return ({"state_dict": network.state_dict(), "arch_optimizer": state,
+             "scaler": scaler.state_dict(), "rng": [rng_state()]},
+            [p.detach().clone() for p in params], network)
+
+
+@pytest.mark.parametrize("saved", sorted(MODES))
+@pytest.mark.parametrize("resumed", sorted(MODES))
+def test_a_checkpoint_resumes_in_any_mode(saved, resumed):
+    state, weights, network = _checkpoint(saved)
+    capturable, amp_dtype = MODES[resumed]
+    params, optimizer = _architecture(capturable)
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    precision = Precision(amp_dtype == "float16", amp_dtype, CPU)
+    restore(state, "checkpoint.pt", network, {"arch_optimizer": optimizer}, precision,
+            RUNTIME, seed=0)
+    group = optimizer.param_groups[0]
+    assert group["capturable"] is capturable and group["foreach"] is True
+    steps = [s["step"] for s in optimizer.state.values()]
+    assert all(s.dtype == torch.float32 and s.device == CPU and float(s) == 2 for s in steps)
+    if resumed == "float16":  # from float32/bfloat16: a fresh scaler; from float16: its own
+        assert precision.scaler.get_scale() == (1024.0 if saved == "float16" else 65536.0)
+    if not capturable:  # Adam refuses capturable steps on the CPU
+        for p in params:
+            p.grad = torch.full_like(p, 0.3)
+        optimizer.step()
+        assert all(float(s) == 3 for s in steps)
+
+
+def test_a_capturable_run_moves_the_step_counters_to_the_parameters():
+    params, optimizer = _architecture(capturable=False)
+    optimizer.state[params[0]]["step"] = torch.tensor(4.0, dtype=torch.float64)
+    state = optimizer.state_dict()
+    _, resumed = _architecture(capturable=True)
+    load_optimizer_state(resumed, state)
+    step = resumed.state[resumed.param_groups[0]["params"][0]]["step"]
+    assert step.dtype == torch.float32 and float(step) == 4.0
+
+
+# -- the second order in IEEE float32 ------------------------------------------------------------
+
+def _precision_settings():
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.cudnn.conv.fp32_precision)
+
+
+@pytest.fixture
+def tf32_allowed():
+    """TF32 allowed for convolutions (cuDNN's default) and matrix products."""
+    before = _precision_settings()
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    yield _precision_settings()
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before[1:]
+
+
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_second_order_passes_run_in_ieee_float32(monkeypatch, tf32_allowed, unrolled):
+    torch.manual_seed(0)
+    network = Network(4, 10, 3, nn.CrossEntropyLoss(), "end", image_size=8)
+    optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=0.9)
+    architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=unrolled)
+    seen = []
+    loss = Architect._loss
+
+    def recording(self, *args):
+        seen.append(_precision_settings())
+        return loss(self, *args)
+
+    monkeypatch.setattr(Architect, "_loss", recording)
+    train, valid = _batches(2, 8)
+    architect.step(*train, *valid, 0.025)
+    exact = ("highest", "ieee", "ieee")
+    # Second order: virtual step, validation at w', both perturbed gradients.
+    assert seen == ([exact] * 4 if unrolled else [tf32_allowed])
+    assert _precision_settings() == tf32_allowed
+
+
+def test_the_float32_settings_come_back_after_an_error(tf32_allowed):
+    with pytest.raises(RuntimeError, match="boom"):
+        with exact_float32():
+            assert _precision_settings() == ("highest", "ieee", "ieee")
+            raise RuntimeError("boom")
+    assert _precision_settings() == tf32_allowed
