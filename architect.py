@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 
 from model_search import Network
-from runtime.recompute import batch_norms, batch_statistics_only
 from runtime.parallel import all_reduce_mean_, broadcast_, unwrap
 from runtime.precision import exact_float32
+from runtime.recompute import batch_norms, batch_statistics_only
 
 Tensors = Dict[str, torch.Tensor]
 

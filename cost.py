@@ -13,9 +13,8 @@ from typing import Optional
 
 import torch
 
-from runtime import complexity
 import genotypes
-from runtime import training
+from runtime import complexity, training
 from runtime.errors import UserError, run_cli
 
 # dataset: (classes, image side, the training scripts' defaults)

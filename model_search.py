@@ -24,7 +24,6 @@ from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
 from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, halve
 from runtime.recompute import BATCH_NORMS, RecomputedPart
 
-
 # Prefix of PC-DARTS's per-edge architecture parameters (edge normalisation), apart
 # from the attention parameters betas_*.
 EDGE_WEIGHTS = "edge_weights"

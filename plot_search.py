@@ -32,7 +32,7 @@ from matplotlib.ticker import MaxNLocator
 
 from runtime.errors import UserError, run_cli
 from runtime.figures import (attention_names, epoch_labels, new_figure, plot_attention, plot_curves,
-                     plot_diagnostics, save_figure)
+                             plot_diagnostics, save_figure)
 from runtime.history import HISTORY
 
 CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # NaN: epoch without it

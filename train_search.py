@@ -13,10 +13,10 @@ checkpoint.pt (resume with --checkpoint_path).
 """
 import argparse
 
+from model_search import AttLocation
 from runtime import searching
 from runtime.cuda_graphs import add_cuda_graph_flag
 from runtime.errors import run_cli
-from model_search import AttLocation
 from runtime.precision import add_precision_flags
 
 parser = argparse.ArgumentParser(

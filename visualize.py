@@ -10,8 +10,8 @@ from typing import List, Sequence, Tuple
 
 import graphviz
 
-from runtime.errors import UserError, run_cli
 from genotypes import NAMED_GENOTYPES, Genotype, load_genotype
+from runtime.errors import UserError, run_cli
 
 parser = argparse.ArgumentParser(
     description="Draw the normal and the reduction cell of a genotype, left to right, as "

@@ -24,10 +24,10 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from tqdm import tqdm
 
+from genotypes import Genotype, genotype_to_dict
 from runtime import parallel
 from runtime.atomic import atomic_write
 from runtime.errors import UserError
-from genotypes import Genotype, genotype_to_dict
 from runtime.parallel import Runtime
 from runtime.precision import Precision, memory_format
 
@@ -348,18 +348,19 @@ def save_checkpoint(run_dir: Optional[str], runtime: Runtime, network: nn.Module
         }, os.path.join(run_dir, CHECKPOINT))
 
 
-def load_checkpoint(path: str, args: argparse.Namespace, kind: str,
-                    keys: Sequence[str]) -> Dict[str, Any]:
+def load_checkpoint(path: str, args: argparse.Namespace, kind: str, keys: Sequence[str],
+                    earlier: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The checkpoint of a ``kind`` run ('search' or 'training') at ``path``, which must
     hold ``keys`` besides ``CHECKPOINT_KEYS`` and come from a run with this run's flags
-    (``RESUME_FREE_FLAGS`` excepted)."""
+    (``RESUME_FREE_FLAGS`` excepted).  ``earlier``: flags added since checkpoints were
+    first written, with the value a run had before the flag existed."""
     state = load_torch_file(path)
     required = CHECKPOINT_KEYS + tuple(keys)
     missing = [key for key in required if key not in state] if isinstance(state, Mapping) else ["state_dict"]
     if missing:
         raise UserError(f"{path} is not a resumable {kind} checkpoint (no {missing[0]!r}); pass "
                         f"the {CHECKPOINT} of a {kind} run directory")
-    for flag, value in state["args"].items():
+    for flag, value in {**(earlier or {}), **state["args"]}.items():
         if flag not in RESUME_FREE_FLAGS and getattr(args, flag, value) != value:
             raise UserError(f"{path} comes from a {kind} run with --{flag} {value}, not "
                             f"{getattr(args, flag)}; resume with the run's own flags")

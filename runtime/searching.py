@@ -30,23 +30,21 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset
 
-from runtime import curvature
-from runtime import data
-from runtime import parallel
 from architect import Architect
+from genotypes import Genotype, genotype_from_dict, genotype_to_dict, save_genotype
+from model_search import EDGE_WEIGHTS, AttLocation, Network, check_partial_channels, node_sizes
+from runtime import curvature, data, parallel
 from runtime.complexity import count_parameters
 from runtime.cuda_graphs import StepGraph, run_graphs, use_cuda_graphs
 from runtime.diagnostics import describe, epoch_diagnostics, scalars
 from runtime.early_stop import EarlyStop
 from runtime.errors import UserError
 from runtime.experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint_file,
-                        cosine_schedule, evaluate, load_checkpoint, progress, restore,
-                        resumed_schedule, run_directory, run_epoch, save_checkpoint, set_seed,
-                        to_device, weight_step)
-from genotypes import Genotype, genotype_from_dict, genotype_to_dict, save_genotype
+                                cosine_schedule, evaluate, load_checkpoint, progress, restore,
+                                resumed_schedule, run_directory, run_epoch, save_checkpoint,
+                                set_seed, to_device, weight_step)
 from runtime.history import record_epoch
 from runtime.metrics import Metrics, heatmap_image
-from model_search import EDGE_WEIGHTS, AttLocation, Network, check_partial_channels, node_sizes
 from runtime.parallel import Runtime
 from runtime.precision import Precision, memory_format, resolve_channels_last
 
@@ -381,10 +379,14 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
                     run_dir: Optional[str]) -> SearchState:
     """A resumed search's state from its checkpoint, or a new search's, logged."""
     network = net.network
+    # How this process computes: a resumed run may do it otherwise than its checkpoint's.
+    modes = (f"recompute {'on' if args.recompute else 'off'} ({reasons['recompute']}); CUDA "
+             f"graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']})")
     if state is not None:
         halves.arch_batches.load_state_dict(state["arch_batches"])
         restore(state, path, network, net.optimizers, net.precision, runtime, args.seed)
-        log(f"resuming {run_dir} after epoch {state['epoch']}/{args.epochs}")
+        log(f"resuming {run_dir} after epoch {state['epoch']}/{args.epochs}; {net.precision!r}; "
+            f"{modes}")
         summaries = list(state.get("epoch_summaries", []))
         stopped = state.get("early_stop")
         final = kept_genotype(summaries, stopped["kept_epoch"]) if stopped else network.genotype()
@@ -400,8 +402,7 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
         f"{'recomputed in backward' if args.recompute else 'kept for backward'}, "
         f"{'second' if args.unrolled else 'first'} order")
     log(f"partial channels: {describe_partial_channels(args)}")
-    log(f"recompute {'on' if args.recompute else 'off'} ({reasons['recompute']}); CUDA graphs "
-        f"{'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']})")
+    log(modes)
     if args.hessian_every:
         log(f"hessian: dominant eigenvalue of the validation loss's Hessian in architecture "
             f"space every {args.hessian_every} epoch(s), on a fixed subset of "
@@ -413,6 +414,10 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
     return SearchState(0, [], None, genotype, genotype)
 
 
+# What a checkpoint written before these flags existed was searched with.
+EARLIER_FLAGS = {"partial_channels": 1, "edge_norm": False, "arch_warmup_epochs": 0}
+
+
 def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
                early_stop: Optional[EarlyStop], reasons: Dict[str, str],
                strict_graphs: bool) -> None:
@@ -420,7 +425,8 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
     (``strict_graphs``: a failed CUDA-graph capture stops the run)."""
     path = checkpoint_file(args.checkpoint_path) if args.checkpoint_path else None
     state = load_checkpoint(path, args, "search", ("weight_optimizer", "arch_optimizer",
-                                                   "arch_batches")) if path else None
+                                                   "arch_batches"),
+                            earlier=EARLIER_FLAGS) if path else None
     # Same seed on every process: identical initial weights and architecture.
     set_seed(args.seed)
     if runtime.device.type == "cuda":

@@ -28,19 +28,18 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from runtime import data
-from runtime import parallel
+from genotypes import NAMED_GENOTYPES, Genotype, genotype_to_dict, resolve_genotype, save_genotype
+from model import NetworkCIFAR, NetworkImageNet
+from runtime import data, parallel
 from runtime.complexity import count_macs, count_parameters
 from runtime.cuda_graphs import (GraphGroup, StepGraph, add_cuda_graph_flag, run_graphs,
                                  use_cuda_graphs)
 from runtime.errors import UserError
 from runtime.experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog, atomic_save,
-                        checkpoint_file, evaluate, load_checkpoint, load_weights, progress,
-                        restore, resumed_schedule, run_directory, run_epoch, save_checkpoint,
-                        set_seed, weight_step)
-from genotypes import NAMED_GENOTYPES, Genotype, genotype_to_dict, resolve_genotype, save_genotype
+                                checkpoint_file, evaluate, load_checkpoint, load_weights, progress,
+                                restore, resumed_schedule, run_directory, run_epoch,
+                                save_checkpoint, set_seed, weight_step)
 from runtime.metrics import Metrics
-from model import NetworkCIFAR, NetworkImageNet
 from runtime.parallel import Runtime
 from runtime.precision import Precision, add_precision_flags, memory_format
 
@@ -294,7 +293,9 @@ def prepare_training(args: argparse.Namespace, runtime: Runtime, network: nn.Mod
     path = checkpoint_file(args.checkpoint_path) if args.checkpoint_path else None
     state = None
     if path:
-        state = load_checkpoint(path, args, "training", ("optimizer", "best_acc", "last_test"))
+        # A checkpoint from before --holdout_portion existed trained on the whole split.
+        state = load_checkpoint(path, args, "training", ("optimizer", "best_acc", "last_test"),
+                                earlier={"holdout_portion": 0.0})
         if state["genotype"] != genotype_to_dict(genotype):
             raise UserError(f"{path} was trained with another architecture; resume with the "
                             f"run's --arch/--arch_path")
@@ -308,6 +309,13 @@ def prepare_training(args: argparse.Namespace, runtime: Runtime, network: nn.Mod
         run.last_test = Accuracy(**state["last_test"])
         run.log(f"resuming {run_dir} after epoch {run.start_epoch}/{args.epochs}")
     return run
+
+
+def modes_line(args: argparse.Namespace, reasons: Dict[str, str]) -> str:
+    """How this process computes, and why: a resumed run may do it otherwise than the
+    run that wrote its checkpoint."""
+    return (f"CUDA graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']}); "
+            f"device loader {'on' if args.device_loader else 'off'} ({reasons['device_loader']})")
 
 
 def log_start(run: TrainingRun, args: argparse.Namespace, runtime: Runtime, genotype: Genotype,
@@ -324,8 +332,7 @@ def log_start(run: TrainingRun, args: argparse.Namespace, runtime: Runtime, geno
     log(f"{len(train_set)} training and {len(test_set)} test images, "
         f"{data.num_classes_of(train_set)} classes; {runtime.world_size} process(es) on "
         f"{runtime.device}, {run.precision!r}")
-    log(f"CUDA graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']}); device "
-        f"loader {'on' if args.device_loader else 'off'} ({reasons['device_loader']})")
+    log(modes_line(args, reasons))
     if runtime.is_main:
         save_genotype(genotype, os.path.join(run.run_dir, GENOTYPE))
 
@@ -398,7 +405,9 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
     run = prepare_training(args, runtime, network, genotype, train_set, test_set, dataset,
                            strict_graphs)
     resumed = run.last_test is not None
-    if not resumed:
+    if resumed:
+        run.log(f"{run.precision!r}; {modes_line(args, reasons)}")
+    else:
         log_start(run, args, runtime, genotype, train_set, test_set, input_size, reasons)
     metrics = Metrics(run.run_dir, resumed_after=run.start_epoch)
     if not resumed:

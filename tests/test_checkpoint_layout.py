@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 
 from attentions import ATTENTIONS
-from runtime.experiment import load_state_dict_checked
 from genotypes import Genotype
 from model import NetworkCIFAR, NetworkImageNet, upgrade_state_dict
 from operations import FactorizedReduce, Identity
+from runtime.experiment import load_state_dict_checked
 
 CONCAT = [2, 3, 4, 5]
 

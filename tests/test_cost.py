@@ -4,12 +4,12 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+from training_helpers import one_line_error, run_ok, run_script
 
-from runtime import complexity
 import genotypes
 from genotypes import Genotype
 from model import NetworkCIFAR, NetworkImageNet
-from training_helpers import one_line_error, run_ok, run_script
+from runtime import complexity
 
 # Every attention module, a cell-end attention, and every kind of convolution.
 ALL_KINDS = Genotype(

@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 
 from architect import Architect
-from runtime.cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
+from runtime.cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
 from runtime.precision import Precision
 from runtime.searching import resolve_recompute, search_step
 from runtime.training import train_step

@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from runtime import curvature
 from model_search import Network
-
+from runtime import curvature
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

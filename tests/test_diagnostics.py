@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from runtime.diagnostics import (attention_counts, changed_edges, describe, epoch_diagnostics, row_entropy,
-                         scalars)
+from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
+from model_search import Network
+from runtime.diagnostics import (attention_counts, changed_edges, describe, epoch_diagnostics,
+                                 row_entropy, scalars)
 from runtime.early_stop import EarlyStop
 from runtime.errors import UserError
-from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
 from runtime.metrics import Metrics, heatmap_image
-from model_search import Network
 
 CONCAT = [2, 3, 4, 5]
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_search import MixedOp, Network, SearchCell, SEARCH_SPACES, AttLocation
-from runtime.recompute import batch_statistics_only
+from model_search import SEARCH_SPACES, AttLocation, MixedOp, Network, SearchCell
 from operations import DepthwiseConv2d, DepthwiseConvolution
+from runtime.recompute import batch_statistics_only
 
 # (kernel, dilation, stride): every depthwise convolution of the search space and
 # the NASNet ops, with stride 2 as on reduction edges.

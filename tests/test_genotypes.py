@@ -4,8 +4,8 @@ import json
 import pytest
 
 import genotypes
+from genotypes import NAMED_GENOTYPES, Genotype, load_genotype, save_genotype
 from runtime.errors import UserError
-from genotypes import Genotype, NAMED_GENOTYPES, load_genotype, save_genotype
 
 
 def _pairs(text):

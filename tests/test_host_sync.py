@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 
 from architect import Architect
-from runtime.dispatch import HostSyncError, HostSyncGuard, OpCounter
-from runtime.experiment import EpochMetrics
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
+from runtime.dispatch import HostSyncError, HostSyncGuard, OpCounter
+from runtime.experiment import EpochMetrics
 from runtime.precision import Precision
 from runtime.searching import search_step
 from runtime.training import train_step

@@ -12,20 +12,18 @@ import argparse
 import pytest
 import torch
 import torch.nn as nn
+from reference_values import (assert_close, digest, fill_seeded, fill_seeded_supernet,
+                              load_reference, per_edge_order)
 from torch.utils.data import TensorDataset
 
-from runtime import data
-from runtime import searching
-from runtime import training
 from architect import Architect
-from runtime.experiment import RunLog
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
+from runtime import data, searching, training
+from runtime.experiment import RunLog
 from runtime.parallel import Runtime
 from runtime.precision import Precision
-from reference_values import (assert_close, digest, fill_seeded, fill_seeded_supernet,
-                              load_reference, per_edge_order)
 
 RUNTIME = Runtime(torch.device("cpu"))
 FLOAT32 = Precision(False, "bfloat16", RUNTIME.device)

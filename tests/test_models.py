@@ -5,12 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from runtime import complexity
 import genotypes
 import model as model_module
-from runtime import experiment
 from genotypes import Genotype
 from model import Cell, NetworkCIFAR, NetworkImageNet
+from runtime import complexity, experiment
 from runtime.errors import UserError
 
 ATT_DARTS_CIFAR_PARAMS = 3_231_343

@@ -11,6 +11,7 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
+from test_partial_channels_reference import channel_shuffle as pc_darts_shuffle
 
 from architect import Architect
 from model_search import AttLocation, Network, channel_shuffle, node_softmax
@@ -18,7 +19,6 @@ from runtime.cuda_graphs import StepGraph
 from runtime.errors import UserError
 from runtime.precision import Precision
 from runtime.searching import check_search_space_flags, search_step, supernet_weight_step
-from test_partial_channels_reference import channel_shuffle as pc_darts_shuffle
 
 LOCATIONS = [location.value for location in AttLocation]
 C, K, LAYERS, SIZE, BATCH = 4, 2, 3, 8, 2
@@ -174,9 +174,10 @@ def test_a_pc_darts_search_end_to_end(cifar_mini, tmp_path):
     epoch leaves the architecture alone, the second moves it; the edge weights are
     saved and recorded; a resume with another K or without edge normalisation is one
     error line; the genotype builds a final network."""
+    from training_helpers import mini_cifar, one_line_error, only_run_dir, run_script
+
     from genotypes import load_genotype
     from model import NetworkCIFAR
-    from training_helpers import mini_cifar, one_line_error, only_run_dir, run_script
 
     folder = mini_cifar(cifar_mini, tmp_path / "data", train=4, val=0)
     flags = ["--data", str(folder), "--init_ch", "4", "--layers", "3", "--batchsz", "8",

@@ -21,13 +21,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference_values import fill_seeded_supernet
 from torch.func import functional_call
 
 from architect import Architect
 from genotypes import PRIMITIVES
 from model_search import Network
 from operations import OPS, FactorizedReduce, ReLUConvBN
-from reference_values import fill_seeded_supernet
 
 K, C, LAYERS, SIZE, BATCH, STEPS = 4, 8, 3, 8, 4, 4
 LR, WEIGHT_DECAY = 0.1, 3e-4

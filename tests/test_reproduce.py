@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from training_helpers import REPO, mini_cifar, one_line_error, script_env
 
 from runtime import pipeline, result_card, training
 from runtime.errors import UserError
 from runtime.launchers import Job, Outcome
-from training_helpers import REPO, mini_cifar, one_line_error, script_env
 
 # A pipeline small enough for a CPU: 60 training images (30 train the weights of a
 # search, 30 its architecture; a selection trains on 30 and scores the other 30), three

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from runtime.complexity import count_macs
-from runtime.diagnostics import changed_edges
-from genotypes import Att_DARTS, genotype_from_dict, load_genotype
-from model import NetworkCIFAR
 from training_helpers import (REPO, TINY, mini_cifar, only_run_dir, run_script, script_env,
                               torchrun_command)
+
+from genotypes import Att_DARTS, genotype_from_dict, load_genotype
+from model import NetworkCIFAR
+from runtime.complexity import count_macs
+from runtime.diagnostics import changed_edges
 
 TINY_SEARCH = ["--init_ch", "4", "--layers", "3", "--batchsz", "8", "--train_portion", "0.6",
                "--workers", "0"]
@@ -226,8 +226,8 @@ def test_skip_rule_with_second_order_amp_and_recomputed_cells(runs):
     (["--hessian_every", "-1"], "--hessian_every"),
 ])
 def test_bad_flags_are_one_line_errors_before_anything_starts(folder, tmp_path, flags, needle):
-    from runtime import searching
     import train_search
+    from runtime import searching
     from runtime.errors import UserError
 
     args = train_search.parser.parse_args(_flags(folder, tmp_path / "exp", 1, *flags))

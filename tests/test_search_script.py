@@ -19,11 +19,11 @@ from typing import Dict, List, Sequence, Tuple
 import pytest
 import torch
 from PIL import Image
+from training_helpers import (REPO, command, mini_cifar, one_line_error, only_run_dir, rng_entry,
+                              run_parallel, run_script, script_env, torchrun_command)
 
 from genotypes import genotype_from_dict, genotype_to_dict, load_genotype
 from model import NetworkCIFAR
-from training_helpers import (REPO, command, mini_cifar, one_line_error, only_run_dir, rng_entry,
-                              run_parallel, run_script, script_env, torchrun_command)
 
 LOCATIONS = ["after_every", "end", "after_every_and_end", "mixed_with_operation",
              "double_mixed", "no_attention"]
@@ -278,14 +278,24 @@ def test_a_checkpoint_in_the_earlier_layout_resumes(folder, tmp_path):
     run = tmp_path / "exp" / "earlier"
     run.mkdir(parents=True)
     arch = {k: v.detach().clone() for k, v in network.named_arch_parameters().items()}
+    # Flags the search gained since then are not in that checkpoint's args.
+    earlier_args = {k: v for k, v in vars(args).items()
+                    if k not in ("partial_channels", "edge_norm", "arch_warmup_epochs")}
     torch.save({
         "state_dict": network.state_dict(), "weight_optimizer": weight_optimizer.state_dict(),
         "arch_optimizer": arch_optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "epoch": 1,
-        "arch_batches": {"cycle": 0, "position": 1}, "rng": [rng_entry()], "args": vars(args),
+        "arch_batches": {"cycle": 0, "position": 1}, "rng": [rng_entry()], "args": earlier_args,
         "genotype": genotype_to_dict(network.genotype()),
     }, run / "checkpoint.pt")
 
+    # Resumed with partial channels, it is refused as any other changed flag is.
+    refused = run_script("train_search.py", *flags, "--partial_channels", "2",
+                         "--checkpoint_path", str(run))
+    assert refused.returncode != 0
+    assert one_line_error(refused) == (f"error: {run / 'checkpoint.pt'} comes from a search run "
+                                       f"with --partial_channels 1, not 2; resume with the "
+                                       f"run's own flags")
     result = run_script("train_search.py", *flags, "--checkpoint_path", str(run), env=TRACE)
     _ok(result)
     _traced_steps(result, [2])

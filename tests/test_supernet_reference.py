@@ -16,11 +16,11 @@ from typing import Any, Dict
 import pytest
 import torch
 import torch.nn as nn
+from reference_values import (assert_close, digest, fill_seeded_supernet, load_reference,
+                              per_edge_order)
 
 from architect import Architect
 from model_search import Network
-from reference_values import (assert_close, digest, fill_seeded_supernet, load_reference,
-                              per_edge_order)
 
 REFERENCE = load_reference("supernet_reference")
 LOCATIONS = [name for name in REFERENCE if name != "about"]

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import TINY, mini_cifar, one_line_error, reported_accuracy, run_ok, run_script
 
 import genotypes
 from model import NetworkCIFAR
-from training_helpers import TINY, mini_cifar, one_line_error, reported_accuracy, run_ok, run_script
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import (REPO, TINY, command, mini_cifar, one_line_error, only_run_dir,
+                              random_image_folder, reported_accuracy, rng_entry, run_ok, run_script,
+                              script_env, torchrun_command)
 
 import genotypes
-from runtime.data import ShardSampler
 from model import NetworkCIFAR
+from runtime.data import ShardSampler
 from runtime.parallel import Runtime
-from training_helpers import (REPO, TINY, command, mini_cifar, one_line_error, only_run_dir,
-                              random_image_folder, reported_accuracy, rng_entry, run_ok,
-                              run_script, script_env, torchrun_command)
 
 
 @pytest.fixture(scope="module")

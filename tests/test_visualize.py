@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 import visualize  # noqa: E402
-from genotypes import Att_DARTS, NAMED_GENOTYPES, save_genotype  # noqa: E402
+from genotypes import NAMED_GENOTYPES, Att_DARTS, save_genotype  # noqa: E402
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
                                reason="Graphviz's 'dot' program is not installed "
