@@ -401,7 +401,7 @@ class Network(nn.Module):
         self.partial_channels = partial_channels
         self.edge_norm = edge_norm
         self.criterion = criterion
-        self.steps = self._steps = steps
+        self.steps = steps
         self._multiplier = multiplier
         self.location = AttLocation.parse(location)
         self.space = SEARCH_SPACES[self.location]
@@ -430,7 +430,7 @@ class Network(nn.Module):
         self._initialize_arch_parameters()
 
     def _initialize_arch_parameters(self) -> None:
-        num_edges = sum(2 + i for i in range(self._steps))
+        num_edges = sum(2 + i for i in range(self.steps))
         shapes = {"alphas": (num_edges, len(self.space.first_stage))}
         if self.space.second_stage is not None:
             shapes["betas"] = (num_edges, len(self.space.second_stage))
@@ -479,7 +479,7 @@ class Network(nn.Module):
         first = F.softmax(getattr(self, f"alphas_{kind}"), dim=-1)
         second = F.softmax(getattr(self, f"betas_{kind}"), dim=-1) if self.space.second_stage else None
         cell_end = F.softmax(getattr(self, f"gammas_{kind}"), dim=-1) if self.space.cell_end else None
-        edges = (node_softmax(getattr(self, f"{EDGE_WEIGHTS}_{kind}"), self._steps)
+        edges = (node_softmax(getattr(self, f"{EDGE_WEIGHTS}_{kind}"), self.steps)
                  if self.edge_norm else None)
         return first, second, cell_end, edges
 
@@ -536,7 +536,7 @@ class Network(nn.Module):
         row's candidates, or (edge weights) over each node's incoming edges."""
         param = getattr(self, name)
         if name.startswith(EDGE_WEIGHTS):
-            return node_softmax(param, self._steps)
+            return node_softmax(param, self.steps)
         return F.softmax(param, dim=-1)
 
     def softmaxed_arch(self) -> Dict[str, List]:
@@ -549,7 +549,7 @@ class Network(nn.Module):
         with torch.no_grad():
             weights = {kind: [w.detach().cpu() if w is not None else None
                               for w in self._cell_weights(kind)] for kind in ("normal", "reduce")}
-        return derive_genotype(weights, self.space, self._steps, self._multiplier)
+        return derive_genotype(weights, self.space, self.steps, self._multiplier)
 
 
 def derive_genotype(weights: Dict[str, Sequence[Optional[torch.Tensor]]], space: SearchSpace,

@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from runtime.atomic import atomic_write_text
 from runtime.launchers import REPO
@@ -77,6 +77,13 @@ def draw(genotype_path: str, directory: str) -> List[str]:
             if os.path.isfile(line)]
 
 
+def jobs_by_seed(jobs: Mapping[str, Any], stage: str) -> List[Tuple[str, int]]:
+    """The (name, seed) of ``stage``'s jobs (named ``<stage>-seed<seed>``), by seed."""
+    prefix = f"{stage}-seed"
+    return sorted(((name, int(name[len(prefix):])) for name in jobs if name.startswith(prefix)),
+                  key=lambda job: job[1])
+
+
 class Card:
     """Builds the card from the pipeline's state; ``write`` after every stage."""
 
@@ -102,16 +109,14 @@ class Card:
             return entry.get("result") if entry.get("status") == "done" else None
 
         searches = []
-        for name in sorted((n for n in jobs if n.startswith("search-")), key=lambda n: int(n[11:])):
-            found, score = result(name), result(name.replace("search", "select", 1))
-            searches.append({"job": name, "seed": int(name[len("search-seed"):]),
-                             "genotype": found and found["genotype"],
+        for name, seed in jobs_by_seed(jobs, "search"):
+            found, score = result(name), result(f"select-seed{seed}")
+            searches.append({"job": name, "seed": seed, "genotype": found and found["genotype"],
                              "selection_score": score and score["accuracy"]})
         finals = []
-        for name in sorted((n for n in jobs if n.startswith("final-")), key=lambda n: int(n[10:])):
-            trained, tested = result(name), result(name.replace("final", "test", 1))
-            finals.append({"job": name, "seed": int(name[len("final-seed"):]),
-                           "test_error": tested and tested["error"],
+        for name, seed in jobs_by_seed(jobs, "final"):
+            trained, tested = result(name), result(f"test-seed{seed}")
+            finals.append({"job": name, "seed": seed, "test_error": tested and tested["error"],
                            "last_epoch_test_error": trained and trained["error"]})
         errors = [final["test_error"] for final in finals if final["test_error"] is not None]
         devices = sorted({d for entry in jobs.values() for d in entry.get("devices") or []})
