@@ -3,6 +3,7 @@
 Tests needing files from ../shared take one of the fixtures below; they skip
 (with the reason) when the folder or file is absent.
 """
+import os
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,17 @@ SLOW_CASES = (
     *(f"test_supernet_reference.py::test_supernet_matches_the_recorded_values[{location}]"
       for location in ("end", "after_every_and_end", "mixed_with_operation", "double_mixed")),
 )
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker process gets its share of the cores for torch's
+    intra-op threads: two workers with two threads each on two cores would only take
+    turns."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from training_helpers import one_line_error, run_ok, run_script
+from training_helpers import one_line_error, run_in_process, run_ok
 
 import genotypes
 from genotypes import Genotype
@@ -169,6 +169,5 @@ def test_script_on_imagenet_says_whether_the_mobile_setting_fits():
     (["--batch", "0"], "--batch must be at least 1"),
     (["--dataset", "imagenet", "--init_ch", "5"], "--init_ch must be even on imagenet"),
 ])
-@pytest.mark.slow
 def test_bad_input_gives_one_line(flags, message):
-    assert message in one_line_error(run_script("cost.py", *flags))
+    assert message in one_line_error(run_in_process("cost.py", *flags))

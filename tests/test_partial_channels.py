@@ -174,7 +174,8 @@ def test_a_pc_darts_search_end_to_end(cifar_mini, tmp_path):
     epoch leaves the architecture alone, the second moves it; the edge weights are
     saved and recorded; a resume with another K or without edge normalisation is one
     error line; the genotype builds a final network."""
-    from training_helpers import mini_cifar, one_line_error, only_run_dir, run_script
+    from training_helpers import (mini_cifar, one_line_error, only_run_dir, run_in_process,
+                                  run_script)
 
     from genotypes import load_genotype
     from model import NetworkCIFAR
@@ -197,12 +198,12 @@ def test_a_pc_darts_search_end_to_end(cifar_mini, tmp_path):
     assert "(architecture frozen)" in log and "edge normalisation on" in log
     assert '"edge_weights_reduce"' in (run / "arch_history.jsonl").read_text()
     for changed in (["--partial_channels", "1"], ["--no-edge_norm"]):
-        refused = run_script("train_search.py", *flags, *changed, "--checkpoint_path", str(run),
-                             "--epochs", "3")
+        refused = run_in_process("train_search.py", *flags, *changed, "--checkpoint_path",
+                                 str(run), "--epochs", "3")
         line = one_line_error(refused)
         assert "resume with the run's own flags" in line, line
-    bad = run_script("train_search.py", *flags[:-4], "--partial_channels", "3", "--exp_path",
-                     str(tmp_path / "bad"))
+    bad = run_in_process("train_search.py", *flags[:-4], "--partial_channels", "3", "--exp_path",
+                         str(tmp_path / "bad"))
     assert "--partial_channels" in one_line_error(bad)
     network = NetworkCIFAR(8, 10, 5, False, load_genotype(str(run / "genotype.json")))
     assert network(torch.randn(2, 3, 32, 32))[0].shape == (2, 10)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import (REPO, TINY, mini_cifar, only_run_dir, run_script, script_env,
-                              torchrun_command)
+from training_helpers import (REPO, TINY, mini_cifar, only_run_dir, run_in_process, run_script,
+                              script_env, torchrun_command)
 
 from genotypes import Att_DARTS, genotype_from_dict, load_genotype
 from model import NetworkCIFAR
@@ -75,28 +75,31 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def runs(folder, tmp_path_factory) -> dict:
-    """name -> (result(s), exp directory), two jobs at a time:
+    """name -> (result(s), exp directory):
 
     - 'plain': one first-order epoch with the defaults (diagnostics only);
     - 'resumed': ``_resumed_search`` (three results);
     - 'torchrun': first order on two processes, the eigenvalue, --early_stop skip:0;
     - 'second_amp': second order under --amp, the eigenvalue, --early_stop skip:0;
-    - 'training': one epoch of train_CIFAR10.py."""
+    - 'training': one epoch of train_CIFAR10.py.
+
+    The resumed search and torchrun run as command lines, one after the other in a
+    thread, while the runs nothing resumes run in this process (``run_in_process``)."""
     base = tmp_path_factory.mktemp("diagnostics_runs")
-    jobs = {
-        "resumed": lambda: _resumed_search(folder, base / "resumed"),
-        "torchrun": lambda: _torchrun(*_flags(folder, base / "torchrun", 2, *HESSIAN,
-                                              "--early_stop", "skip:0", "--batchsz", "4")),
-        "second_amp": lambda: run_script("train_search.py", *_flags(
-            folder, base / "second_amp", 2, "--unrolled", "--amp", *HESSIAN, "--early_stop", "skip:0")),
-        "plain": lambda: run_script("train_search.py", *_flags(folder, base / "plain", 1)),
-        "training": lambda: run_script("train_CIFAR10.py", "--data", str(folder), "--epochs", "1",
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        resumed = pool.submit(_resumed_search, folder, base / "resumed")
+        torchrun = pool.submit(_torchrun, *_flags(folder, base / "torchrun", 2, *HESSIAN,
+                                                  "--early_stop", "skip:0", "--batchsz", "4"))
+        runs = {
+            "second_amp": run_in_process("train_search.py", *_flags(
+                folder, base / "second_amp", 2, "--unrolled", "--amp", *HESSIAN, "--early_stop",
+                "skip:0")),
+            "plain": run_in_process("train_search.py", *_flags(folder, base / "plain", 1)),
+            "training": run_in_process("train_CIFAR10.py", "--data", str(folder), "--epochs", "1",
                                        "--exp_path", str(base / "training"), *TINY,
                                        "--batchsz", "8"),
-    }
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(job) for name, job in jobs.items()}
-        return {name: (future.result(), base / name) for name, future in futures.items()}
+            "resumed": resumed.result(), "torchrun": torchrun.result()}
+    return {name: (result, base / name) for name, result in runs.items()}
 
 
 def _run_of(runs: dict, name: str) -> Path:

@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 from training_helpers import (REPO, command, mini_cifar, one_line_error, only_run_dir, rng_entry,
-                              run_parallel, run_script, script_env, torchrun_command)
+                              run_in_process, run_parallel, run_script, script_env,
+                              torchrun_command)
 
 from genotypes import genotype_from_dict, genotype_to_dict, load_genotype
 from model import NetworkCIFAR
@@ -118,17 +119,21 @@ def _assert_same_arch(run_a: Path, run_b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def searches(folder, tmp_path_factory) -> dict:
-    """The single-process searches, two at a time: name -> (result, exp directory).
+    """The single-process searches: name -> (result, exp directory).
     'first': one first-order epoch at after_every, and at every other location;
     'two_epochs': 'first' for two epochs.  (Second order, --amp and --no-recompute are
-    searched under torchrun, below.)"""
+    searched under torchrun, below.)  'first' and 'two_epochs', which later tests resume
+    and compare, run as their command lines, two at a time; the other locations' searches
+    run in this process (``run_in_process``: no interpreter start-up)."""
     base = tmp_path_factory.mktemp("searches")
-    specs = {"first": (1, []), "two_epochs": (2, [])}
-    specs.update({loc: (1, ["--location", loc]) for loc in LOCATIONS if loc != "after_every"})
-    commands = {name: command("train_search.py", *search_flags(folder, base / name, epochs, *extra))
-                for name, (epochs, extra) in specs.items()}
+    commands = {name: command("train_search.py", *search_flags(folder, base / name, epochs))
+                for name, epochs in (("first", 1), ("two_epochs", 2))}
     results = run_parallel(commands, env=TRACE)
-    return {name: (results[name], base / name) for name in commands}
+    for location in LOCATIONS[1:]:
+        results[location] = run_in_process(
+            "train_search.py", *search_flags(folder, base / location, 1, "--location", location),
+            env=TRACE)
+    return {name: (result, base / name) for name, result in results.items()}
 
 
 def _run_of(searches: dict, name: str) -> Path:
@@ -290,8 +295,8 @@ def test_a_checkpoint_in_the_earlier_layout_resumes(folder, tmp_path):
     }, run / "checkpoint.pt")
 
     # Resumed with partial channels, it is refused as any other changed flag is.
-    refused = run_script("train_search.py", *flags, "--partial_channels", "2",
-                         "--checkpoint_path", str(run))
+    refused = run_in_process("train_search.py", *flags, "--partial_channels", "2",
+                             "--checkpoint_path", str(run))
     assert refused.returncode != 0
     assert one_line_error(refused) == (f"error: {run / 'checkpoint.pt'} comes from a search run "
                                        f"with --partial_channels 1, not 2; resume with the "
@@ -311,7 +316,8 @@ def test_a_checkpoint_in_the_earlier_layout_resumes(folder, tmp_path):
 
 @pytest.fixture(scope="module")
 def errors(searches, folder, tmp_path_factory) -> dict:
-    """Runs that must fail with a one-line error, two at a time: name -> result."""
+    """Runs that must fail with a one-line error (in this process: they end before any
+    work): name -> result."""
     base = tmp_path_factory.mktemp("search_errors")
     first = _run_of(searches, "first")
     (base / "empty").mkdir()
@@ -324,17 +330,16 @@ def errors(searches, folder, tmp_path_factory) -> dict:
                 "genotype": genotype_to_dict(Att_DARTS), "rng": []},
                base / "train_checkpoint.pt")
     ok_flags = search_flags(folder, base / "exp", 1)
-    commands = {
-        "location": command("train_search.py", *ok_flags, "--location", "everywhere"),
-        "no_data": command("train_search.py", *search_flags(base / "empty", base / "exp", 1)),
-        "unreadable": command("train_search.py", *ok_flags,
-                              "--checkpoint_path", str(base / "not_a_checkpoint.pt")),
-        "other_init_ch": command("train_search.py", *ok_flags, "--init_ch", "8",
-                                 "--checkpoint_path", str(first / "checkpoint.pt")),
-        "train_checkpoint": command("train_search.py", *ok_flags,
-                                    "--checkpoint_path", str(base / "train_checkpoint.pt")),
+    flags = {
+        "location": [*ok_flags, "--location", "everywhere"],
+        "no_data": search_flags(base / "empty", base / "exp", 1),
+        "unreadable": [*ok_flags, "--checkpoint_path", str(base / "not_a_checkpoint.pt")],
+        "other_init_ch": [*ok_flags, "--init_ch", "8", "--checkpoint_path",
+                          str(first / "checkpoint.pt")],
+        "train_checkpoint": [*ok_flags, "--checkpoint_path", str(base / "train_checkpoint.pt")],
     }
-    results = run_parallel(commands, timeout=60, env=OFFLINE)
+    results = {name: run_in_process("train_search.py", *args, env=OFFLINE)
+               for name, args in flags.items()}
     results["base"] = base
     return results
 

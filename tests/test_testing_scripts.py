@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import TINY, mini_cifar, one_line_error, reported_accuracy, run_ok, run_script
+from training_helpers import TINY, mini_cifar, one_line_error, reported_accuracy, run_in_process, run_ok
 
 import genotypes
 from model import NetworkCIFAR
@@ -24,7 +24,10 @@ def weights() -> dict:
 
 
 def _test(cifar: Path, path: Path, *flags: str):
-    return run_script("test_CIFAR10.py", "--data", str(cifar), "--model_path", str(path), *TINY, *flags)
+    """test_CIFAR10.py on ``path``, which must fail early (in this process, see
+    ``run_in_process``)."""
+    return run_in_process("test_CIFAR10.py", "--data", str(cifar), "--model_path", str(path),
+                          *TINY, *flags)
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from training_helpers import (REPO, TINY, command, mini_cifar, one_line_error, only_run_dir,
-                              random_image_folder, reported_accuracy, rng_entry, run_ok, run_script,
-                              script_env, torchrun_command)
+                              random_image_folder, reported_accuracy, rng_entry, run_files,
+                              run_in_process, run_ok, run_script, script_env, torchrun_command)
 
 import genotypes
 from model import NetworkCIFAR
@@ -102,8 +102,9 @@ def cifar10_run(cifar, tmp_path_factory):
 def test_cifar10_run_writes_its_files_and_the_test_script_reproduces_its_accuracy(cifar, cifar10_run):
     _, stdout, run = cifar10_run
     assert run.name.startswith("train_CIFAR10-")
-    assert {p.name for p in run.iterdir()} == {"log.txt", "trained.pt", "best.pt", "checkpoint.pt",
-                                              "genotype.json", "metrics.csv"}
+    assert {p.name for p in run.iterdir()} == run_files("log.txt", "trained.pt", "best.pt",
+                                                        "checkpoint.pt", "genotype.json",
+                                                        "metrics.csv")
     log = (run / "log.txt").read_text()
     for expected in ("'cutout': True", "param size", "epoch 1/1 lr 2.500000e-02", "final test top-1"):
         assert expected in log
@@ -277,11 +278,11 @@ def test_a_checkpoint_in_the_earlier_layout_resumes(cifar, tmp_path):
 @pytest.mark.slow
 def test_resume_refuses_a_foreign_checkpoint_or_other_flags(cifar10_run):
     flags, _, run = cifar10_run
-    error = one_line_error(run_script("train_CIFAR10.py", *flags,
-                                      "--checkpoint_path", str(run / "trained.pt")))
+    error = one_line_error(run_in_process("train_CIFAR10.py", *flags,
+                                          "--checkpoint_path", str(run / "trained.pt")))
     assert "trained.pt is not a resumable training checkpoint" in error
-    error = one_line_error(run_script("train_CIFAR10.py", *flags, "--lr", "0.1",
-                                      "--checkpoint_path", str(run)))
+    error = one_line_error(run_in_process("train_CIFAR10.py", *flags, "--lr", "0.1",
+                                          "--checkpoint_path", str(run)))
     assert "--lr 0.025, not 0.1" in error
 
 
@@ -290,13 +291,13 @@ def test_missing_data_offline_is_one_line_saying_what_and_where(tmp_path):
     empty = tmp_path / "nothing here"
     empty.mkdir()
     started = time.time()
-    error = one_line_error(run_script("train_CIFAR10.py", "--data", str(empty), "--epochs", "1",
-                                      "--exp_path", str(tmp_path / "exp"), *TINY, timeout=120))
+    error = one_line_error(run_in_process("train_CIFAR10.py", "--data", str(empty), "--epochs",
+                                          "1", "--exp_path", str(tmp_path / "exp"), *TINY))
     assert time.time() - started < 90
     assert "CIFAR10" in error and str(empty) in error
     assert not (tmp_path / "exp").exists()
-    error = one_line_error(run_script("train_ImageNet.py", "--data", str(empty), "--epochs", "1",
-                                      "--exp_path", str(tmp_path / "exp"), *TINY))
+    error = one_line_error(run_in_process("train_ImageNet.py", "--data", str(empty), "--epochs",
+                                          "1", "--exp_path", str(tmp_path / "exp"), *TINY))
     assert str(empty / "train") in error
 
 
@@ -314,8 +315,8 @@ def test_torchrun_run_and_its_resume_write_once_and_test_the_whole_split(cifar_m
                              cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert only_run_dir(exp) == run
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "checkpoint.pt", "genotype.json",
-                                                     "log.txt", "metrics.csv", "trained.pt"]
+    assert {p.name for p in run.iterdir()} == run_files("best.pt", "checkpoint.pt", "genotype.json",
+                                                        "log.txt", "metrics.csv", "trained.pt")
     log = (run / "log.txt").read_text()
     assert log.count("epoch 1/2 lr") == 1 and log.count("epoch 2/2 lr") == 1
     assert log.count("final test") == 1 and "2 process(es)" in log

@@ -1,13 +1,17 @@
 """Helpers for the tests of the train_*.py / test_*.py scripts: running them, reading
 their reports, and building small image folders."""
+import contextlib
+import importlib
+import io
 import os
 import random
 import re
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -41,10 +45,77 @@ def run_script(script: str, *args: str, timeout: float = 300,
                           capture_output=True, text=True, timeout=timeout)
 
 
+@contextlib.contextmanager
+def _environment(env: Optional[Mapping[str, str]]):
+    """``os.environ`` with ``env`` on top, restored afterwards (untouched without ``env``:
+    other threads may be reading it)."""
+    if not env:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # What a fresh interpreter does with a warning: a line on (the redirected) stderr.
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_in_process(script: str, *args: str,
+                   env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:
+    """``script``'s ``main()`` run in this process as ``run_script`` runs it in its own
+    (argv, one intra-op thread, ``run_cli``'s one-line errors and exit code, stdout,
+    stderr, warnings printed to stderr), without the seconds a new interpreter takes to
+    import torch and torchvision.  For runs that fail early, and for runs no test resumes
+    or kills (a resumed run gets a process of its own, so that nothing it needs can hide
+    in memory).  The random streams and torch's thread count are restored afterwards."""
+    from runtime.errors import run_cli
+
+    module = importlib.import_module(Path(script).stem)
+    argv = [str(REPO / script), *args]
+    out, err = io.StringIO(), io.StringIO()
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.get_num_threads())
+    returncode = 0
+    with _environment(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings():
+        warnings.resetwarnings()  # a fresh interpreter's filters, not pytest's
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                         ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = _print_warning
+        sys.argv, argv_before = argv, sys.argv
+        torch.set_num_threads(1)  # as script_env's OMP_NUM_THREADS=1
+        try:
+            run_cli(module.main)
+        except SystemExit as exit_:
+            returncode = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            sys.argv = argv_before
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    torch.set_rng_state(saved[2])
+    torch.set_num_threads(saved[3])
+    return subprocess.CompletedProcess(argv, returncode, out.getvalue(), err.getvalue())
+
+
 def run_ok(script: str, *args: str) -> subprocess.CompletedProcess:
     result = run_script(script, *args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
+
+
+def run_files(*names: str) -> Set[str]:
+    """What a run directory holds: ``names``, and ``tensorboard/`` exactly when the
+    optional tensorboard package is installed (a run writes its event files there)."""
+    from runtime.metrics import TENSORBOARD, summary_writer_class
+
+    return set(names) | ({TENSORBOARD} if summary_writer_class() is not None else set())
 
 
 def reported_accuracy(stdout: str) -> List[Tuple[int, str, int, int]]:
