@@ -177,7 +177,8 @@ class QueueWatch:
         self.options, self.say = options, say
         self.interval, self.next_poll = FIRST_POLL_S, time.time() + FIRST_POLL_S
         self.states: Dict[str, Tuple[str, str]] = {}
-        self.left: Dict[str, Tuple[str, float]] = {}  # job id: (last state, when seen ended)
+        # Jobs seen out of the queue: their state, when first and last seen so.
+        self.left: Dict[str, Tuple[str, float, float]] = {}
         self.said, self.said_at = "", 0.0
 
     def poll(self, waiting: Sequence[Tuple[Job, Any]]) -> None:
@@ -196,8 +197,11 @@ class QueueWatch:
                                 f"({describe_request(self.options)}) exceeds what the partition, "
                                 f"its nodes, the QOS or the account allow; change "
                                 f"{REQUEST_FLAGS}")
-            if state not in ACTIVE_STATES:
-                self.left.setdefault(handle.job_id, (state or "no longer listed by squeue", now))
+            if state in ACTIVE_STATES:  # again, where a requeue followed a preemption
+                self.left.pop(handle.job_id, None)
+            else:
+                since = self.left.get(handle.job_id, ("", now))[1]
+                self.left[handle.job_id] = (state or "no longer listed by squeue", since, now)
         self.states = listed
         self.report(waiting, now)
 
@@ -217,10 +221,11 @@ class QueueWatch:
             self.said, self.said_at = line, now
 
     def ended(self, job_id: str) -> Optional[str]:
-        """The state of a job that left the queue long enough ago for its result files to
-        have shown up (a shared file system may lag); None while it has not."""
-        state, since = self.left.get(job_id, ("", 0.0))
-        return state if state and time.time() - since >= RESULT_GRACE_S else None
+        """The state of a job squeue has shown out of the queue for RESULT_GRACE_S: long
+        enough for its result files to have shown up (a shared file system may lag), or
+        for a requeue to have put it back; None until then."""
+        state, since, last = self.left.get(job_id, ("", 0.0, 0.0))
+        return state if state and last - since >= RESULT_GRACE_S else None
 
 
 # -- the jobs ----------------------------------------------------------------------------------

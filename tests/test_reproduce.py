@@ -307,7 +307,8 @@ def test_request_is_checked_against_the_nodes_and_time_limit_sinfo_lists(monkeyp
 def test_queue_watch_reports_waiting_jobs_and_stops_at_a_reason_waiting_cannot_clear(
         monkeypatch):
     queues = iter([{"11": ("RUNNING", "None"), "12": ("PENDING", "Resources")}] * 3 + [
-        {"11": ("COMPLETED", "None"), "12": ("PENDING", "Priority")},
+        {"11": ("PREEMPTED", "None"), "12": ("PENDING", "Priority")}] * 2 + [
+        {"11": ("RUNNING", "None"), "12": ("PENDING", "Priority")},
         {"12": ("PENDING", "QOSMaxGRESPerJob")}])
     monkeypatch.setattr(slurm, "queue_states", lambda job_ids: next(queues))
     said = []
@@ -328,10 +329,17 @@ def test_queue_watch_reports_waiting_jobs_and_stops_at_a_reason_waiting_cannot_c
     assert len(said) == 2 and said[1] == said[0]
     poll()
     assert said[-1] == "slurm: search-seed3 (job 12) PENDING (Priority)"
-    # Job 11 left the queue: ended once its result file has had time to show up.
+    # Job 11 left the queue: ended once a look long enough after the first (for its
+    # result file to show up) still finds it out; unless it is requeued meanwhile.
     assert watch.ended("11") is None and watch.ended("12") is None
-    watch.left["11"] = ("COMPLETED", watch.left["11"][1] - slurm.RESULT_GRACE_S)
-    assert watch.ended("11") == "COMPLETED"
+    poll()
+    state, since, last = watch.left["11"]
+    watch.left["11"] = (state, last - slurm.RESULT_GRACE_S, last)
+    assert watch.ended("11") == "PREEMPTED" and watch.ended("12") is None
+    poll()
+    assert watch.ended("11") is None
+    assert said[-1] == ("slurm: search-seed2 (job 11) RUNNING, search-seed3 (job 12) PENDING "
+                        "(Priority)")
     with pytest.raises(UserError, match=r"Slurm job 12 \(search-seed3\) is pending for "
                        r"QOSMaxGRESPerJob, which waiting cannot clear: .* change --gpus_per_job, "
                        r"--cpus_per_job, --mem_gb, --time or --partition"):
@@ -419,7 +427,8 @@ def test_extra_flags_a_stage_would_refuse_are_one_line_at_start_up(tmp_path):
     # Parsed by train_search.py's and train_CIFAR10.py's own parsers, in a child process.
     # --unrolled: the tiny preset's search is first order, but reproduce.py has the flag.
     settings = pipeline.resolve_settings(options(
-        tmp_path, "--search_args", "--arch_lr 1e-3 --seed 5 --unrolled", "--train_args", "--lrr 0.1"))
+        tmp_path, "--search_args", "--arch_lr 1e-3 --seed 5 --unrolled",
+        "--train_args", "--lrr 0.1"))
     checks = pipeline.flag_checks(settings, options(tmp_path), str(tmp_path))
     with pytest.raises(UserError) as raised:
         preflight.check_flags(checks)
