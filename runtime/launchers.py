@@ -1,6 +1,6 @@
 """Where the jobs of a pipeline (runtime/pipeline.py) run: on this machine, one after
-another on the CPU or one per visible GPU at a time, or on a Slurm cluster through
-submitit.
+another on the CPU or one per visible GPU at a time (here), or on a Slurm cluster
+through submitit (runtime/slurm.py).
 
 A job is one run of a repository script in its own directory.  It is started as a
 subprocess, its output appended to ``JOB_DIR/job.log``; a resumable job (a search or
@@ -8,12 +8,10 @@ a training) resumes from the ``checkpoint.pt`` of its run directory when one exi
 The command is worked out when the job starts, not when it is submitted, so that a
 Slurm job requeued after its time limit or a preemption resumes too.
 """
-import argparse
 import glob
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,9 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import Queue
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
-
-from runtime.errors import UserError
+from typing import Callable, List, Mapping, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_LOG = "job.log"
@@ -63,11 +59,15 @@ class Job:
 
 @dataclass
 class Outcome:
-    """How a job's run ended: exit code, wall seconds, the devices it used, the command."""
+    """How a job's run ended: exit code, wall seconds, the devices it used, the command,
+    the file that tells what happened (the job's log; for a Slurm job that died outside
+    its script, submitit's log of it) and, for such a job, the error."""
     returncode: int
     seconds: float
     devices: List[str] = field(default_factory=list)
     command: str = ""
+    log: str = ""
+    error: str = ""
 
 
 # A launcher reports a job's Slurm id when submitted, and its outcome when it ends.
@@ -86,7 +86,7 @@ def run_process(job: Job, env: Optional[Mapping[str, str]] = None) -> Outcome:
         log.flush()
         returncode = subprocess.call(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
-    return Outcome(returncode, time.time() - started, command=shlex.join(argv))
+    return Outcome(returncode, time.time() - started, command=shlex.join(argv), log=job.log_path)
 
 
 def gpu_count() -> int:
@@ -150,138 +150,3 @@ class LocalLauncher:
         with ThreadPoolExecutor(max_workers=len(self.gpus)) as pool:
             for future in [pool.submit(run_on_a_gpu, job) for job in jobs]:
                 future.result()
-
-
-# -- Slurm -----------------------------------------------------------------------------------
-
-def add_slurm_args(parser: argparse.ArgumentParser) -> None:
-    """What every Slurm job of the pipeline asks for."""
-    group = parser.add_argument_group("Slurm (with --launcher slurm)")
-    group.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's)")
-    group.add_argument("--time", type=int, default=24 * 60,
-                       help="time limit of each job in minutes; a job that reaches it is "
-                            "requeued and resumes from its checkpoint (default: %(default)s)")
-    group.add_argument("--gpus_per_job", type=int, default=1,
-                       help="GPUs per job; more than one runs the job as one process group, a "
-                            "process per GPU (default: %(default)s)")
-    group.add_argument("--cpus_per_job", type=int, default=8,
-                       help="CPU cores per job, shared by its processes (default: %(default)s)")
-    group.add_argument("--mem_gb", type=int, default=32, help="memory per job in GB "
-                                                              "(default: %(default)s)")
-
-
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                 "RESIZING", "SUSPENDED", "COMPLETING"}
-
-
-class SlurmTask:
-    """What a Slurm job runs: ``job``'s script, one process per task.  Several tasks
-    form one torch.distributed process group (the environment torchrun would give).
-    Checkpointable: on a time limit or a preemption submitit requeues it, and the
-    requeued run resumes from the job's checkpoint."""
-
-    def __init__(self, job: Job):
-        self.job = job
-
-    def __call__(self) -> Dict[str, Any]:
-        import submitit
-        environment = submitit.JobEnvironment()
-        env = {}
-        if environment.num_tasks > 1:
-            distributed = submitit.helpers.TorchDistributedEnvironment()
-            env = {"MASTER_ADDR": distributed.master_addr,
-                   "MASTER_PORT": str(distributed.master_port),
-                   "RANK": str(distributed.rank), "WORLD_SIZE": str(distributed.world_size),
-                   "LOCAL_RANK": str(distributed.local_rank),
-                   "LOCAL_WORLD_SIZE": str(distributed.local_world_size)}
-        if environment.global_rank > 0:
-            # Only rank 0 writes the job's log, as only rank 0 writes in the scripts.
-            returncode = subprocess.call(self.job.command(), cwd=REPO, env={**os.environ, **env},
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            return vars(Outcome(returncode, 0.0))
-        outcome = run_process(self.job, env)
-        # Slurm lists the GPUs it gave the job; without any, torch need not be imported.
-        outcome.devices = device_names(range(gpu_count()) if os.environ.get(
-            "CUDA_VISIBLE_DEVICES") else [])
-        return vars(outcome)
-
-    def checkpoint(self) -> Any:
-        import submitit
-        return submitit.helpers.DelayedSubmission(self)
-
-
-class SlurmLauncher:
-    """Each job is a Slurm job submitted through submitit; waits for a stage's jobs."""
-
-    name = "slurm"
-
-    def __init__(self, options: argparse.Namespace, folder: str):
-        if shutil.which("sbatch") is None:
-            raise UserError("--launcher slurm needs Slurm's sbatch on PATH, and it is not "
-                            "there: run on the cluster's login node, or use --launcher local")
-        try:
-            import submitit
-        except ImportError:
-            raise UserError("--launcher slurm needs the submitit package: pip install "
-                            "submitit") from None
-        self.submitit = submitit
-        self.folder = folder
-        self.options = options
-
-    def executor(self, job: Job) -> Any:
-        options = self.options
-        executor = self.submitit.AutoExecutor(folder=os.path.join(self.folder, "%j"),
-                                              cluster="slurm")
-        tasks = max(1, options.gpus_per_job)
-        parameters = dict(name=job.name, timeout_min=options.time, nodes=1,
-                          tasks_per_node=tasks, cpus_per_task=max(1, options.cpus_per_job // tasks),
-                          mem_gb=options.mem_gb,
-                          # USR2 this long before the limit: submitit requeues the job.
-                          slurm_signal_delay_s=min(120, 15 * options.time))
-        if options.gpus_per_job > 0:
-            parameters["gpus_per_node"] = options.gpus_per_job
-        if options.partition:
-            parameters["slurm_partition"] = options.partition
-        executor.update_parameters(**parameters)
-        return executor
-
-    def run(self, jobs: Sequence[Job], on_start: Started, on_done: Finished,
-            submitted_before: Optional[Mapping[str, str]] = None) -> None:
-        """Submit every job, record its Slurm id (``on_start(job, id)``), then wait for
-        each in turn (``on_done(job, outcome)``).  A job whose earlier submission
-        (``submitted_before[name]``: its id) is still queued or running is waited for,
-        not submitted again: a restarted pipeline does not run a job twice at once."""
-        handles = []
-        for job in jobs:
-            earlier = (submitted_before or {}).get(job.name)
-            if earlier and slurm_job_active(earlier):
-                handle = self.submitit.SlurmJob(folder=os.path.join(self.folder, "%j"),
-                                                job_id=earlier)
-            else:
-                os.makedirs(job.directory, exist_ok=True)
-                handle = self.executor(job).submit(SlurmTask(job))
-                on_start(job, handle.job_id)
-            handles.append((job, handle))
-        for job, handle in handles:
-            try:
-                outcome = Outcome(**handle.results()[0])
-            except Exception as error:  # the job died outside our code: report, retry
-                tail = str(error).strip().splitlines()[-1:] or [type(error).__name__]
-                outcome = Outcome(1, 0.0, command=f"slurm job {handle.job_id}: {tail[0]}")
-            on_done(job, outcome)
-
-
-def slurm_job_active(job_id: str) -> bool:
-    """Whether Slurm still has the job queued, running or requeued (squeue knows it)."""
-    listed = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"],
-                            capture_output=True, text=True)
-    return listed.returncode == 0 and listed.stdout.strip() in ACTIVE_STATES
-
-
-def make_launcher(options: argparse.Namespace, pipeline_dir: str) -> Any:
-    """``--launcher``'s launcher; Slurm's checks for sbatch and submitit first."""
-    if options.launcher == "local":
-        return LocalLauncher()
-    if options.launcher == "slurm":
-        return SlurmLauncher(options, os.path.join(pipeline_dir, "slurm"))
-    raise UserError(f"unknown --launcher {options.launcher!r}; valid: local, slurm")

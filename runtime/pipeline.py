@@ -22,7 +22,7 @@ import re
 import shlex
 from typing import Any, Callable, Dict, List, Mapping, Sequence
 
-from runtime import launchers, result_card
+from runtime import launchers, preflight, result_card, slurm
 from runtime.atomic import atomic_write_text
 from runtime.errors import UserError
 from runtime.launchers import Job, Outcome
@@ -84,7 +84,7 @@ def add_reproduce_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", default="local",
                         help="local (this machine: one job at a time on the CPU, or one per "
                              "visible GPU) or slurm (a Slurm job each, through submitit)")
-    launchers.add_slurm_args(parser)
+    slurm.add_slurm_args(parser)
 
 
 def resolve_settings(options: argparse.Namespace) -> Dict[str, Any]:
@@ -98,8 +98,9 @@ def resolve_settings(options: argparse.Namespace) -> Dict[str, Any]:
     settings.update(dataset=options.dataset, seed=options.seed, location=options.location,
                     partial_channels=options.partial_channels,
                     search_args=options.search_args, train_args=options.train_args)
-    if settings["searches"] < 1 or settings["finals"] < 1:
-        raise UserError("--searches and --finals must be at least 1")
+    for key, value in PRESETS["paper"].items():
+        if type(value) is int and settings[key] < 1:
+            raise UserError(f"--{key} must be at least 1, got {settings[key]}")
     return settings
 
 
@@ -145,7 +146,8 @@ class PipelineState:
 
     def record(self, job: Job, outcome: Outcome, result: Any, status: str) -> None:
         entry = self.job(job.name)
-        entry.update(stage=job.stage, status=status, log=job.log_path, devices=outcome.devices,
+        entry.update(stage=job.stage, status=status, log=outcome.log or job.log_path,
+                     devices=outcome.devices, error=outcome.error,
                      command=outcome.command, fresh_command=shlex.join(job.command(resume=False)))
         entry["attempts"] += 1
         entry["seconds"] += outcome.seconds
@@ -269,7 +271,8 @@ def run_stage(jobs: Sequence[Job], state: PipelineState, launcher: Any, director
             if result is None:
                 failed.append(job)
                 again = "retrying once" if attempt == 1 else "giving up"
-                say(f"{job.name} failed (exit {outcome.returncode}); log: {job.log_path}; {again}")
+                how = outcome.error or f"exit {outcome.returncode}"
+                say(f"{job.name} failed ({how}); log: {state.job(job.name)['log']}; {again}")
 
         launcher.run(pending, started, finished,
                      {job.name: state.job(job.name).get("slurm_id") for job in pending
@@ -277,8 +280,41 @@ def run_stage(jobs: Sequence[Job], state: PipelineState, launcher: Any, director
         pending = failed
         if not pending:
             return
-    raise UserError(f"{pending[0].name} failed twice; see {pending[0].log_path}, fix the cause "
+    last = state.job(pending[0].name)
+    why = f" ({last['error']})" if last.get("error") else ""
+    raise UserError(f"{pending[0].name} failed twice{why}; see {last['log']}, fix the cause "
                     f"and rerun the same command to continue")
+
+
+def make_launcher(options: argparse.Namespace, directory: str, say: Callable[[str], None]) -> Any:
+    """``--launcher``'s launcher: Slurm's checks for sbatch, submitit and what each job
+    asks of the partition first."""
+    if options.launcher == "local":
+        return launchers.LocalLauncher()
+    if options.launcher == "slurm":
+        launcher = slurm.SlurmLauncher(options, os.path.join(directory, "slurm"), say)
+        slurm.check_request(options)
+        return launcher
+    raise UserError(f"unknown --launcher {options.launcher!r}; valid: local, slurm")
+
+
+def flag_checks(settings: Mapping[str, Any], options: argparse.Namespace,
+                directory: str) -> List[preflight.FlagCheck]:
+    """--search_args and --train_args with the flags the pipeline gives their scripts
+    (a search's, a selection's: the most of any training), each optional one included:
+    what reproduce.py has a flag for, it sets itself."""
+    every = {**settings, "search_args": "", "train_args": "", "unrolled": True,
+             "location": settings["location"] or "end", "partial_channels": 1}
+    options = argparse.Namespace(**{**vars(options), "workers": 0})
+    search = search_jobs(every, options, directory)[0]
+    selection = training_job(every, options, directory, "select", "select-check",
+                             os.path.join(directory, "cells", "check.json"), settings["seed"],
+                             ["--holdout_portion", "0.5"])
+    resume = ["--checkpoint_path", directory]
+    return [("--search_args", search.script, search.command(resume=False)[2:] + resume,
+             settings["search_args"]),
+            ("--train_args", selection.script, selection.command(resume=False)[2:] + resume,
+             settings["train_args"])]
 
 
 def select(search: Sequence[Job], selection: Sequence[Job], state: PipelineState) -> Job:
@@ -293,7 +329,10 @@ def reproduce(options: argparse.Namespace, say: Callable[[str], None] = print) -
     directory = os.path.abspath(options.dir or os.path.join("exp", f"reproduce-{options.preset}"))
     options.data = os.path.abspath(options.data)
     state = PipelineState(directory, settings)
-    launcher = launchers.make_launcher(options, directory)
+    launcher = make_launcher(options, directory, say)
+    # Every stage's needs, before the first job: nothing is written until they are met.
+    processes = max(1, options.gpus_per_job) if options.launcher == "slurm" else 1
+    preflight.check(settings, options, flag_checks(settings, options, directory), processes)
     state.data["command"] = getattr(options, "command_line", "")
     state.save()
     card = result_card.Card(directory, settings, state.data, options)

@@ -1,7 +1,8 @@
 """The result card of a pipeline (runtime/pipeline.py): ``results.json`` and
 ``RESULTS.md`` in its directory, rewritten (atomically) as the stages finish.
 
-It holds each search's seed, genotype and selection score; the selected cell, drawn
+It holds each search's seed, genotype and selection score (the accuracy of its cell,
+trained briefly, on the held-out part of the training split); the selected cell, drawn
 by visualize.py, with its parameters and multiply-accumulates (counted as cost.py
 counts them); each final training's test error and their mean ± std; the device
 hours per stage; the paper's row; the environment; and the command of every job.
@@ -112,7 +113,8 @@ class Card:
         for name, seed in jobs_by_seed(jobs, "search"):
             found, score = result(name), result(f"select-seed{seed}")
             searches.append({"job": name, "seed": seed, "genotype": found and found["genotype"],
-                             "selection_score": score and score["accuracy"]})
+                             "held_out_accuracy": score and score["accuracy"],
+                             "held_out_images": score and score["images"]})
         finals = []
         for name, seed in jobs_by_seed(jobs, "final"):
             trained, tested = result(name), result(f"test-seed{seed}")
@@ -152,6 +154,15 @@ def _number(value: Optional[float], digits: int = 2) -> str:
     return "…" if value is None else f"{value:.{digits}f}"
 
 
+def selection_rule(settings: Mapping[str, Any]) -> str:
+    """What the selection score is: never a test-split accuracy."""
+    held_out = settings["holdout_portion"]
+    return (f"Selection score: the top-1 accuracy of each search's cell, trained "
+            f"{settings['select_epochs']} epoch(s) from scratch on {1 - held_out:.0%} of the "
+            f"training split, on the other {held_out:.0%} (held-out training images; the test "
+            f"split is never used to select).")
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
     """RESULTS.md: the tables of ``summary``, stages not yet run shown as '…'."""
     settings = summary["settings"]
@@ -164,12 +175,12 @@ def markdown(summary: Mapping[str, Any]) -> str:
                  f"{_number(selected and selected['params_M'])} |")
     for name, (mean, std, params) in summary["paper"].items():
         lines.append(f"| {name}, paper | {mean:.2f} ± {std:.2f} | {params} |")
-    lines += ["", "## Searches and selection", "",
+    lines += ["", "## Searches and selection", "", selection_rule(settings), "",
               "| search | seed | held-out accuracy (%) | genotype |", "|:--|:--:|:--:|:--|"]
     for search in summary["searches"]:
         mark = " (selected)" if selected and selected["job"] == search["job"] else ""
         lines.append(f"| {search['job']}{mark} | {search['seed']} | "
-                     f"{_number(search['selection_score'])} | "
+                     f"{_number(search['held_out_accuracy'])} | "
                      f"`{json.dumps(search['genotype']) if search['genotype'] else '…'}` |")
     if selected:
         lines += ["", f"Selected cell: {selected['job']} ({selected['genotype_path']}), "

@@ -4,7 +4,8 @@ train_CIFAR100.py, train_ImageNet.py and the test_*.py scripts.
 A run lives in its own directory (``--exp_path/<script>-<timestamp>``):
 
 - ``log.txt``: flags, parameter count and multiply-accumulates per image, one line per
-  epoch (lr, train loss/accuracy, test accuracy) and the final test result;
+  epoch (lr, train loss/accuracy, test accuracy) and the final test result (with
+  ``--holdout_portion``, "held-out" accuracy: that of the held-out training images);
 - ``metrics.csv``: one row per epoch (and TensorBoard logs in ``tensorboard/`` when
   the tensorboard package is installed);
 - ``checkpoint.pt``: everything needed to resume, rewritten after each epoch
@@ -168,6 +169,12 @@ def load_train_and_eval(args: argparse.Namespace, dataset: str) -> Tuple[Dataset
     return train_set, test_set
 
 
+def evaluated_on(args: argparse.Namespace) -> str:
+    """What a run's log and metrics call its evaluation: the test split, or with
+    ``--holdout_portion`` the held-out part of the training split."""
+    return "held-out" if getattr(args, "holdout_portion", 0.0) else "test"
+
+
 def input_size_of(dataset: str) -> Tuple[int, int, int]:
     """(channels, height, width) of the images a network of ``dataset`` sees."""
     return (3, 224, 224) if dataset == "imagenet" else (3, 32, 32)
@@ -329,7 +336,8 @@ def log_start(run: TrainingRun, args: argparse.Namespace, runtime: Runtime, geno
     log(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded), "
         f"{count_macs(network, input_size) / 1e6:.1f} M multiply-accumulates per "
         f"{input_size[1]}x{input_size[2]} image")
-    log(f"{len(train_set)} training and {len(test_set)} test images, "
+    held_out = "held-out training" if evaluated_on(args) == "held-out" else "test"
+    log(f"{len(train_set)} training and {len(test_set)} {held_out} images, "
         f"{data.num_classes_of(train_set)} classes; {runtime.world_size} process(es) on "
         f"{runtime.device}, {run.precision!r}")
     log(modes_line(args, reasons))
@@ -367,14 +375,15 @@ def end_of_training_epoch(run: TrainingRun, result: Dict[str, Any], speed: str,
     run.best_acc = max(run.best_acc, last_test.percent(topk[0]))
     # Logged before the checkpoint is saved: a run killed in between repeats a line
     # rather than losing one.
-    drop_path = run.network.drop_path_prob
+    drop_path, evaluation = run.network.drop_path_prob, evaluated_on(args)
     run.log(f"epoch {epoch + 1}/{args.epochs} lr {result['lr']:.6e} drop_path {drop_path:.4f} "
             f"train_loss {result['train_loss']:.4f} train_acc {result['train_acc'].percent():.4f}% "
-            f"test {last_test} best {run.best_acc:.4f}% time {result['seconds']:.1f}s {speed}")
+            f"{evaluation} {last_test} best {run.best_acc:.4f}% time {result['seconds']:.1f}s "
+            f"{speed}")
     metrics.write(epoch + 1, {
         "lr": result["lr"], "drop_path": drop_path, "train_loss": result["train_loss"],
         "train_acc": result["train_acc"].percent(),
-        **{f"test_top{k}_acc": last_test.percent(k) for k in topk},
+        **{f"{evaluation.replace('-', '_')}_top{k}_acc": last_test.percent(k) for k in topk},
         "best_acc": run.best_acc, "seconds": result["seconds"]})
     if runtime.is_main and is_best:
         atomic_save(run.network.state_dict(), os.path.join(run.run_dir, "best.pt"))
@@ -419,7 +428,7 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
     for epoch in epochs:
         result = train_and_test(run, criterion, scheduler, epoch, runtime, args, topk)
         epochs.set_postfix_str(f"train {result['train_acc'].percent():.2f}% "
-                               f"test {run.last_test.percent(topk[0]):.2f}%")
+                               f"{evaluated_on(args)} {run.last_test.percent(topk[0]):.2f}%")
         speed = clock.epoch_done(len(run.train_loader) * args.batchsz * runtime.world_size,
                                  result["step_seconds"], result["seconds"])
         end_of_training_epoch(run, result, speed, scheduler, metrics, runtime, args, genotype, topk)
@@ -427,7 +436,7 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
     metrics.close()
     if runtime.is_main:
         atomic_save(network.state_dict(), os.path.join(run.run_dir, "trained.pt"))
-    run.log(f"final test {run.last_test}")
+    run.log(f"final {evaluated_on(args)} {run.last_test}")
     return run.last_test
 
 

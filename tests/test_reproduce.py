@@ -1,14 +1,19 @@
 """reproduce.py: the paper's protocol as a resumable pipeline of jobs (runtime/pipeline.py),
-its launchers (runtime/launchers.py) and result card (runtime/result_card.py).
+its launchers (runtime/launchers.py, runtime/slurm.py), the checks before its first job
+(runtime/preflight.py) and result card (runtime/result_card.py).
 
-Quick tier: bad input (one line, nothing lost), the state and retry logic with a
-stand-in launcher, the card's arithmetic, the held-out split of --holdout_portion.
-Slow tier, on cifar10-mini images: the tiny preset end to end with the local launcher,
-a pipeline killed during a search and restarted, and the same pipeline on a real
-one-node Slurm cluster (.ci/start-slurm starts one)."""
+Quick tier: bad input (one line, nothing lost), what a late stage would refuse refused
+at start-up, the state and retry logic with a stand-in launcher, the card's arithmetic,
+the held-out split of --holdout_portion, the Slurm request and queue checks on canned
+sinfo/squeue answers.  Slow tier, on cifar10-mini images: the tiny preset end to end
+with the local launcher, a pipeline killed during a search and restarted, and on a real
+one-node Slurm cluster (.ci/start-slurm starts one), from another directory: the same
+pipeline, requests Slurm refuses or cannot meet, and jobs dying outside their script."""
 import argparse
 import json
 import os
+import re
+import runpy
 import shutil
 import signal
 import statistics
@@ -16,11 +21,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from training_helpers import REPO, mini_cifar, one_line_error, script_env
 
-from runtime import pipeline, result_card, training
+from runtime import pipeline, preflight, result_card, slurm, training
 from runtime.errors import UserError
 from runtime.launchers import Job, Outcome
 
@@ -33,8 +39,9 @@ TINY_FLAGS = ["--preset", "tiny", "--workers", "0", "--search_epochs", "2",
 SAME = ("searches", "selected_job", "finals", "test_error")
 
 
-def reproduce(*args: str, env: dict = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "reproduce.py"), *args], cwd=REPO,
+def reproduce(*args: str, env: dict = None, timeout: float = 600,
+              cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "reproduce.py"), *args], cwd=cwd,
                           env={**script_env(), **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -135,6 +142,25 @@ def test_failed_job_is_retried_once_and_finished_jobs_not_rerun(tmp_path):
     assert launcher.ran == []
 
 
+def test_job_dying_outside_its_script_is_reported_with_the_log_that_holds_why(tmp_path):
+    class Dying(StandInLauncher):
+        def run(self, jobs, on_start, on_done, submitted_before) -> None:
+            for job in jobs:
+                on_done(job, Outcome(1, 0.0, command="slurm job 7", log=str(tmp_path / "7.err"),
+                                     error="ModuleNotFoundError: No module named 'runtime'"))
+
+    state = pipeline.PipelineState(str(tmp_path), {"k": 1})
+    said = []
+    with pytest.raises(UserError, match=re.escape(
+            "search-seed1 failed twice (ModuleNotFoundError: No module named 'runtime'); see "
+            f"{tmp_path / '7.err'}, fix the cause")):
+        pipeline.run_stage(stand_in_jobs(tmp_path)[:1], state, Dying({}), str(tmp_path),
+                           lambda job, d: {}, said.append)
+    assert f"search-seed1 failed (ModuleNotFoundError: No module named 'runtime'); log: " \
+           f"{tmp_path / '7.err'}; retrying once" in said
+    assert state.job("search-seed1")["log"] == str(tmp_path / "7.err")
+
+
 def test_job_failing_twice_stops_with_its_log(tmp_path):
     state = pipeline.PipelineState(str(tmp_path), {"k": 1})
     jobs = stand_in_jobs(tmp_path)
@@ -169,7 +195,8 @@ def test_card_holds_mean_std_hours_paper_row_and_commands(tmp_path):
                                    "fresh_command": f"python test_CIFAR10.py --seed {s}"}
                  for s, e in zip((2, 3, 4), errors)})
     state = {"settings": {}, "jobs": jobs, "command": "python reproduce.py --preset paper"}
-    card = result_card.Card(str(tmp_path), {"dataset": "cifar10"}, state,
+    settings = {**pipeline.PRESETS["paper"], "dataset": "cifar10"}
+    card = result_card.Card(str(tmp_path), settings, state,
                             argparse.Namespace(data=str(tmp_path)))
     summary = card.write()
     assert summary["test_error"]["mean"] == pytest.approx(statistics.fmean(errors))
@@ -178,6 +205,8 @@ def test_card_holds_mean_std_hours_paper_row_and_commands(tmp_path):
     assert summary["hours"]["final"] == {"hours": pytest.approx(1.5), "unit": "GPU-hours"}
     assert summary["hours"]["test"] == {"hours": pytest.approx(0.03), "unit": "CPU-hours"}
     text = (tmp_path / result_card.CARD_MD).read_text()
+    assert ("trained 100 epoch(s) from scratch on 50% of the training split, on the other 50% "
+            "(held-out training images; the test split is never used to select)") in text
     assert "| Att-DARTS, paper | 2.54 ± 0.10 | 3.2 |" in text
     assert f"| this pipeline (3 runs) | {summary['test_error']['text']} |" in text
     assert "`python test_CIFAR10.py --seed 3`" in text
@@ -195,6 +224,126 @@ def test_holdout_portion_trains_and_scores_on_disjoint_parts_of_the_training_spl
     # Held-out images are not augmented: the same tensor every time.
     assert held_out[0][0].equal(held_out[0][0])
     assert not trained.dataset.transform is held_out.dataset.transform
+
+
+# -- quick: what a late stage would refuse, refused before the first job ------------------------
+
+@pytest.fixture(scope="module")
+def folders(cifar_mini, tmp_path_factory) -> dict:
+    """Image folders: a good one (60 training images), one without a test split, one
+    whose test split lacks a class."""
+    root = tmp_path_factory.mktemp("preflight")
+    made = {name: mini_cifar(cifar_mini, root / name, train=6, val=1)
+            for name in ("good", "train_only", "other_classes")}
+    shutil.rmtree(made["train_only"] / "val")
+    shutil.rmtree(made["other_classes"] / "val" / "cat")
+    return made
+
+
+@pytest.mark.parametrize("folder, flags, message", [
+    ("train_only", [], "the final trainings and the tests need the test split of --data: "
+                       ".* has a train/ folder but no test/ or val/ folder"),
+    ("other_classes", [], "different classes \\(10 and 9\\), which the final trainings refuse"),
+    ("good", ["--final_batchsz", "64"], "--final_batchsz 64 is more than the training split "
+                                        "holds per process: 60 of the 60 training images"),
+    ("good", ["--holdout_portion", "0.9"], "--select_batchsz 8 is more than the part a "
+                                           "selection trains on \\(--holdout_portion 0.9"),
+    ("good", ["--partial_channels", "3"], "--partial_channels: partial channels K=3 does not "
+                                          "divide the 4 channels"),
+    ("good", ["--location", "nowhere"], "--location: unknown attention location 'nowhere'"),
+    ("good", ["--final_epochs", "0"], "--final_epochs must be at least 1, got 0"),
+])
+def test_what_a_late_stage_would_refuse_is_one_line_before_any_job(folders, tmp_path, folder,
+                                                                   flags, message):
+    directory = tmp_path / "pipe"
+    with pytest.raises(UserError, match=message) as raised:
+        pipeline.reproduce(options(directory, "--data", str(folders[folder]), *flags))
+    assert "\n" not in str(raised.value) and not directory.exists()
+
+
+def test_extra_flags_are_read_by_their_scripts_own_parsers():
+    def flags_set(extra: list) -> dict:
+        parser = runpy.run_path(str(REPO / "train_search.py"), run_name="__flags__")["parser"]
+        return preflight.flags_set(parser, ["--data", "d", "--epochs", "2", "--seed", "2"], extra)
+
+    assert flags_set(["--arch_lr", "1e-3", "--cutout"]) == {
+        "set": {"arch_lr": 1e-3, "cutout": True}, "owned": []}
+    # An abbreviation or the default value of a flag the pipeline sets counts too.
+    assert flags_set(["--epoch", "3", "--seed=2"])["owned"] == ["epochs", "seed"]
+    assert flags_set(["--arch_lrr", "1"]) == {"error": "unrecognized arguments: --arch_lrr 1"}
+    assert "invalid float value: 'x'" in flags_set(["--arch_lr", "x"])["error"]
+
+
+# -- quick: the Slurm request and queue, on canned sinfo and squeue answers ---------------------
+
+def slurm_options(**flags) -> argparse.Namespace:
+    return argparse.Namespace(**{"partition": None, "time": 1440, "gpus_per_job": 1,
+                                 "cpus_per_job": 8, "mem_gb": 32, **flags})
+
+
+def test_request_is_checked_against_the_nodes_and_time_limit_sinfo_lists(monkeypatch):
+    listing = ("gpu*|64|512000|gpu:a100:4(S:0-1)|2-00:00:00\n"
+               "gpu*|128|256000|gpu:1|2-00:00:00\n"
+               "cpu|128|1024000|(null)|infinite\n")
+    monkeypatch.setattr(slurm.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, listing, ""))
+    slurm.check_request(slurm_options(gpus_per_job=4, cpus_per_job=64, mem_gb=500, time=2880))
+    with pytest.raises(UserError, match=r"no node of Slurm partition gpu can hold a job asking "
+                       r"for 8 GPU\(s\).*at most 128 CPUs, 500.0 GB and 4 GPU\(s\) \(sinfo\); "
+                       r"lower --gpus_per_job, or choose another --partition"):
+        slurm.check_request(slurm_options(gpus_per_job=8))
+    # Each fits a node, not together: the three flags are named.
+    with pytest.raises(UserError, match="lower --cpus_per_job or --mem_gb or --gpus_per_job"):
+        slurm.check_request(slurm_options(gpus_per_job=4, cpus_per_job=128, mem_gb=200))
+    with pytest.raises(UserError, match="--time 2881 exceeds the 2880-minute limit of Slurm "
+                                        "partition gpu"):
+        slurm.check_request(slurm_options(time=2881))
+    slurm.check_request(slurm_options(partition="cpu", gpus_per_job=0, time=10 ** 6))
+    with pytest.raises(UserError, match="partition cpu .* lower --gpus_per_job,"):
+        slurm.check_request(slurm_options(partition="cpu"))
+    slurm.check_request(slurm_options(partition="elsewhere"))  # not listed: sbatch answers
+
+
+def test_queue_watch_reports_waiting_jobs_and_stops_at_a_reason_waiting_cannot_clear(
+        monkeypatch):
+    queues = iter([{"11": ("RUNNING", "None"), "12": ("PENDING", "Resources")}] * 3 + [
+        {"11": ("PREEMPTED", "None"), "12": ("PENDING", "Priority")}] * 2 + [
+        {"11": ("RUNNING", "None"), "12": ("PENDING", "Priority")},
+        {"12": ("PENDING", "QOSMaxGRESPerJob")}])
+    monkeypatch.setattr(slurm, "queue_states", lambda job_ids: next(queues))
+    said = []
+    watch = slurm.QueueWatch(slurm_options(), said.append)
+    waiting = [(Job(f"search-seed{seed}", "search", "x", [], "d"), SimpleNamespace(job_id=job_id))
+               for seed, job_id in ((2, "11"), (3, "12"))]
+
+    def poll() -> None:
+        watch.next_poll = 0.0
+        watch.poll(waiting)
+
+    poll()
+    poll()  # the same queue again: nothing new to say
+    assert said == ["slurm: search-seed2 (job 11) RUNNING, search-seed3 (job 12) PENDING "
+                    "(Resources)"]
+    watch.said_at -= slurm.REPORT_EVERY_S
+    poll()  # unchanged ten minutes later: said again
+    assert len(said) == 2 and said[1] == said[0]
+    poll()
+    assert said[-1] == "slurm: search-seed3 (job 12) PENDING (Priority)"
+    # Job 11 left the queue: ended once a look long enough after the first (for its
+    # result file to show up) still finds it out; unless it is requeued meanwhile.
+    assert watch.ended("11") is None and watch.ended("12") is None
+    poll()
+    state, since, last = watch.left["11"]
+    watch.left["11"] = (state, last - slurm.RESULT_GRACE_S, last)
+    assert watch.ended("11") == "PREEMPTED" and watch.ended("12") is None
+    poll()
+    assert watch.ended("11") is None
+    assert said[-1] == ("slurm: search-seed2 (job 11) RUNNING, search-seed3 (job 12) PENDING "
+                        "(Priority)")
+    with pytest.raises(UserError, match=r"Slurm job 12 \(search-seed3\) is pending for "
+                       r"QOSMaxGRESPerJob, which waiting cannot clear: .* change --gpus_per_job, "
+                       r"--cpus_per_job, --mem_gb, --time or --partition"):
+        poll()
 
 
 # -- slow: real pipelines on cifar10-mini images -------------------------------------------------
@@ -216,10 +365,10 @@ def uninterrupted(data, tmp_path_factory) -> Path:
 def test_tiny_preset_end_to_end_writes_the_card(uninterrupted, data):
     card = json.loads((uninterrupted / result_card.CARD_JSON).read_text())
     assert [s["seed"] for s in card["searches"]] == [2, 3]
-    assert all(s["genotype"]["normal"] and 0 <= s["selection_score"] <= 100
-               for s in card["searches"])
+    assert all(s["genotype"]["normal"] and 0 <= s["held_out_accuracy"] <= 100
+               and s["held_out_images"] == 30 for s in card["searches"])
     selected = card["selected"]
-    best = max(card["searches"], key=lambda s: (s["selection_score"], -s["seed"]))
+    best = max(card["searches"], key=lambda s: (s["held_out_accuracy"], -s["seed"]))
     assert selected["job"] == best["job"] and selected["params_M"] > 0 and selected["macs_M"] > 0
     assert all((uninterrupted / path).is_file() for path in selected["drawings"])
     errors = [f["test_error"] for f in card["finals"]]
@@ -229,9 +378,16 @@ def test_tiny_preset_end_to_end_writes_the_card(uninterrupted, data):
     for name, job in card["jobs"].items():
         assert job["status"] == "done" and job["attempts"] == 1 and os.path.isfile(job["log"])
     state = json.loads((uninterrupted / pipeline.STATE).read_text())
-    # Selection scored on 30 held-out training images, the finals on the 40 test images.
+    # Selection scored on 30 held-out training images, the finals on the 40 test images,
+    # and their logs and metrics say so.
     assert state["jobs"]["select-seed2"]["result"]["images"] == 30
     assert state["jobs"]["final-seed2"]["result"]["images"] == 40
+    selection = Path(state["jobs"]["select-seed2"]["result"]["run_dir"])
+    assert "30 training and 30 held-out training images" in (selection / "log.txt").read_text()
+    assert "final held-out top-1 acc" in (selection / "log.txt").read_text()
+    assert "held_out_top1_acc" in (selection / "metrics.csv").read_text().splitlines()[0]
+    final = Path(state["jobs"]["final-seed2"]["result"]["run_dir"], "log.txt").read_text()
+    assert "60 training and 40 test images" in final and "final test top-1 acc" in final
     text = (uninterrupted / result_card.CARD_MD).read_text()
     assert "| DARTS, paper | 2.76 ± 0.09 | 3.3 |" in text and "CPU-hours" in text
     # Rerunning the finished pipeline runs no job again.
@@ -266,6 +422,22 @@ def test_pipeline_killed_during_a_search_ends_as_an_uninterrupted_one(uninterrup
     assert card_numbers(directory) == card_numbers(uninterrupted)
 
 
+@pytest.mark.slow
+def test_extra_flags_a_stage_would_refuse_are_one_line_at_start_up(tmp_path):
+    # Parsed by train_search.py's and train_CIFAR10.py's own parsers, in a child process.
+    # --unrolled: the tiny preset's search is first order, but reproduce.py has the flag.
+    settings = pipeline.resolve_settings(options(
+        tmp_path, "--search_args", "--arch_lr 1e-3 --seed 5 --unrolled",
+        "--train_args", "--lrr 0.1"))
+    checks = pipeline.flag_checks(settings, options(tmp_path), str(tmp_path))
+    with pytest.raises(UserError) as raised:
+        preflight.check_flags(checks)
+    assert str(raised.value) == (
+        "--search_args sets --seed, --unrolled, which reproduce.py sets itself: use its own flags "
+        "(reproduce.py --help); --train_args '--lrr 0.1': train_CIFAR10.py says: unrecognized "
+        "arguments: --lrr 0.1 (nothing was run)")
+
+
 def slurm_ready() -> str:
     """Why the Slurm test cannot run here ('' when it can)."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
@@ -281,16 +453,101 @@ def slurm_ready() -> str:
     return ""
 
 
-@pytest.mark.slow
-def test_same_pipeline_on_slurm_gives_the_same_card(uninterrupted, data, tmp_path):
+@pytest.fixture
+def slurm_cluster() -> None:
     reason = slurm_ready()
     if reason:
         pytest.skip(reason)
+
+
+@pytest.mark.slow
+def test_same_pipeline_on_slurm_gives_the_same_card(uninterrupted, data, tmp_path, slurm_cluster):
+    # Started from outside the repository: the jobs find it all the same.
     directory = tmp_path / "pipe"
     result = reproduce("--dir", str(directory), "--data", str(data), *TINY_FLAGS,
                        "--launcher", "slurm", "--gpus_per_job", "0", "--cpus_per_job", "1",
-                       "--mem_gb", "2", "--time", "10")
+                       "--mem_gb", "2", "--time", "10", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     state = json.loads((directory / pipeline.STATE).read_text())
     assert all(job.get("slurm_id") for job in state["jobs"].values())
     assert card_numbers(directory) == card_numbers(uninterrupted)
+
+
+# -- slow: Slurm's refusals and failures on the test cluster, from another directory -------------
+
+@pytest.mark.slow
+def test_slurm_request_no_node_can_hold_is_one_line_before_submitting(data, tmp_path,
+                                                                      slurm_cluster):
+    # The defaults (1 GPU, 8 CPUs, 32 GB) on the GPU-less 2-core node.
+    directory = tmp_path / "pipe"
+    line = one_line_error(reproduce("--dir", str(directory), "--data", str(data), *TINY_FLAGS,
+                                    "--launcher", "slurm", cwd=tmp_path))
+    assert "no node of Slurm partition" in line and "(sinfo)" in line
+    assert "lower --cpus_per_job or --mem_gb or --gpus_per_job" in line
+    assert not directory.exists()
+
+
+def probe_job(directory: Path, name: str = "probe") -> Job:
+    """A job that ends in a second: visualize.py's help."""
+    return Job(name, "test", "visualize.py", ["--help"], str(directory / name), resumable=False)
+
+
+@pytest.mark.slow
+def test_submission_sbatch_refuses_is_one_line_with_its_answer(tmp_path, slurm_cluster, capsys):
+    # A partition sinfo does not list: left to sbatch, whose answer is in the line.
+    launcher = slurm.SlurmLauncher(slurm_options(gpus_per_job=0, cpus_per_job=1, mem_gb=1,
+                                                 partition="nowhere"), str(tmp_path / "slurm"))
+    with pytest.raises(UserError) as raised:
+        launcher.run([probe_job(tmp_path)], lambda job, job_id: pytest.fail("submitted"),
+                     lambda job, outcome: pytest.fail("ran"))
+    message = str(raised.value)
+    assert message.startswith("Slurm refused probe (0 GPU(s), 1 CPUs, 1 GB, 1440 min in "
+                              "partition nowhere): sbatch says ")
+    assert "invalid partition" in message.lower() and message.endswith(
+        "check --gpus_per_job, --cpus_per_job, --mem_gb, --time or --partition "
+        "(nothing was submitted)")
+    assert capsys.readouterr().err == ""  # submitit's own print of sbatch's errors is kept out
+
+
+@pytest.mark.slow
+def test_job_pending_for_a_reason_waiting_cannot_clear_is_cancelled(tmp_path, slurm_cluster):
+    # More cores than the node has, past the check reproduce.py makes first: Slurm
+    # queues the jobs for PartitionConfig.
+    launcher = slurm.SlurmLauncher(slurm_options(gpus_per_job=0, time=5, mem_gb=1),
+                                   str(tmp_path / "slurm"))
+    submitted = []
+    with pytest.raises(UserError) as raised:
+        launcher.run([probe_job(tmp_path, "probe1"), probe_job(tmp_path, "probe2")],
+                     lambda job, job_id: submitted.append(job_id),
+                     lambda job, outcome: pytest.fail(f"{job.name} ended: {outcome}"))
+    message = str(raised.value)
+    assert "is pending for PartitionConfig, which waiting cannot clear" in message
+    assert "--cpus_per_job" in message and "8 CPUs" in message
+    assert message.endswith(f"(cancelled this stage's Slurm jobs {', '.join(submitted)})")
+    assert len(submitted) == 2 and not any(
+        state in slurm.ACTIVE_STATES for state, _ in slurm.queue_states(submitted).values())
+
+
+class Unimportable(slurm.SlurmTask):
+    """A task the job's Python cannot import (tests/ is not on its path): the job dies
+    unpickling it, before any of our code runs."""
+
+
+@pytest.mark.slow
+def test_jobs_run_from_any_directory_and_a_failure_points_at_a_file_that_exists(
+        tmp_path, slurm_cluster, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    launcher = slurm.SlurmLauncher(slurm_options(gpus_per_job=0, cpus_per_job=1, mem_gb=1,
+                                                 time=5), str(tmp_path / "slurm"))
+    job, outcomes = probe_job(tmp_path), []
+    launcher.run([job], lambda job, job_id: None, lambda job, outcome: outcomes.append(outcome))
+    assert outcomes[0].returncode == 0 and outcomes[0].log == job.log_path
+    assert "usage: visualize.py" in Path(job.log_path).read_text()
+    # Dying before its script runs, it points at submitit's log, not at the job.log above.
+    monkeypatch.setattr(slurm, "SlurmTask", Unimportable)
+    launcher.run([job], lambda job, job_id: None, lambda job, outcome: outcomes.append(outcome))
+    died = outcomes[1]
+    assert died.returncode != 0
+    assert died.error == "ModuleNotFoundError: No module named 'test_reproduce'"
+    assert died.log.endswith("_log.err") and "ModuleNotFoundError" in Path(died.log).read_text()
