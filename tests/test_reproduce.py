@@ -32,9 +32,13 @@ from runtime.launchers import Job, Outcome
 
 # A pipeline small enough for a CPU: 60 training images (30 train the weights of a
 # search, 30 its architecture; a selection trains on 30 and scores the other 30), three
-# steps per epoch everywhere, two searches and two final trainings.
+# steps per epoch everywhere, two searches and two final trainings.  The searches are
+# plain DARTS (no_attention), whose supernet dispatches a third of the ops of the
+# default's: what these tests check is the pipeline, and the searches of every location
+# are tested in test_search_script.py.
 TINY_FLAGS = ["--preset", "tiny", "--workers", "0", "--search_epochs", "2",
-              "--search_batchsz", "8", "--search_train_portion", "0.5", "--select_batchsz", "8"]
+              "--search_batchsz", "8", "--search_train_portion", "0.5", "--select_batchsz", "8",
+              "--location", "no_attention"]
 # What must not depend on interruptions or launchers (times and commands may).
 SAME = ("searches", "selected_job", "finals", "test_error")
 

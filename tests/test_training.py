@@ -129,11 +129,12 @@ def test_arch_path_genotype_json_wins_over_arch(cifar, tmp_path):
     genotypes.save_genotype(genotypes.DARTS_V2, str(genotype_file))
     exp = tmp_path / "exp"
     trained = run_ok("train_CIFAR10.py", "--data", str(cifar), "--arch", "Att_DARTS",
-                     "--arch_path", str(genotype_file), "--epochs", "1", "--exp_path", str(exp), *TINY)
+                     "--arch_path", str(genotype_file), "--epochs", "1", "--exp_path", str(exp),
+                     *TINY, in_process=True)
     run = only_run_dir(exp)
     assert genotypes.load_genotype(str(run / "genotype.json")) == genotypes.load_genotype(str(genotype_file))
     tested = run_ok("test_CIFAR10.py", "--data", str(cifar), "--arch_path", str(genotype_file),
-                    "--model_path", str(run / "trained.pt"), *TINY)
+                    "--model_path", str(run / "trained.pt"), *TINY, in_process=True)
     assert reported_accuracy(tested.stdout) == reported_accuracy(trained.stdout)
 
 
@@ -144,7 +145,8 @@ def test_cifar100_on_a_folder_takes_the_class_count_from_it(cifar_mini, tmp_path
     # With mixed precision and channels-last too (bfloat16 autocast on the CPU).
     fast = ["--amp", "--channels_last"]
     trained = run_ok("train_CIFAR100.py", "--data", str(folder), "--auxiliary", "--epochs", "1",
-                     "--exp_path", str(exp), *fast, *TINY, "--batchsz", "16", *EVERY_STEP)
+                     "--exp_path", str(exp), *fast, *TINY, "--batchsz", "16", *EVERY_STEP,
+                     in_process=True)
     run = only_run_dir(exp)
     assert _steps_per_epoch((run / "log.txt").read_text()) == [3]  # 60 images, batch 16
     weights = _state_dict(run / "trained.pt")
@@ -154,7 +156,7 @@ def test_cifar100_on_a_folder_takes_the_class_count_from_it(cifar_mini, tmp_path
     assert final[0][3] == 15
     assert "autocast bfloat16" in (run / "log.txt").read_text()
     tested = run_ok("test_CIFAR100.py", "--data", str(folder), "--auxiliary",
-                    "--model_path", str(run / "trained.pt"), *fast, *TINY)
+                    "--model_path", str(run / "trained.pt"), *fast, *TINY, in_process=True)
     assert reported_accuracy(tested.stdout) == final
 
 
@@ -164,7 +166,7 @@ def test_imagenet_train_and_test_on_an_image_folder(tmp_path):
     exp = tmp_path / "exp"
     small = ["--init_ch", "8", "--layers", "3", "--batchsz", "4", "--workers", "0"]
     trained = run_ok("train_ImageNet.py", "--data", str(folder), "--auxiliary", "--epochs", "2",
-                     "--exp_path", str(exp), *small, *EVERY_STEP)
+                     "--exp_path", str(exp), *small, *EVERY_STEP, in_process=True)
     log = (only_run_dir(exp) / "log.txt").read_text()
     assert _steps_per_epoch(log) == [3, 3]  # 12 images, batch 4
     # The step decay is what the run used: lr 0.1, then 0.1 * 0.97.
@@ -174,7 +176,7 @@ def test_imagenet_train_and_test_on_an_image_folder(tmp_path):
     assert [(k, total) for k, _, _, total in final] == [(1, 6), (5, 6)]
     assert final[1][2] == 6  # three classes: every target is in the top 5
     tested = run_ok("test_imagenet.py", "--data", str(folder), "--auxiliary",
-                    "--model_path", str(only_run_dir(exp) / "trained.pt"), *small)
+                    "--model_path", str(only_run_dir(exp) / "trained.pt"), *small, in_process=True)
     assert reported_accuracy(tested.stdout) == final
 
 
@@ -214,7 +216,8 @@ def test_imagenet_uses_label_smoothing_and_the_step_decay():
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_one(cifar, tmp_path):
     flags = ["--data", str(cifar), "--auxiliary", "--cutout", "--epochs", "2", *TINY, *EVERY_STEP]
-    reference = run_ok("train_CIFAR10.py", *flags, "--exp_path", str(tmp_path / "reference"))
+    reference = run_ok("train_CIFAR10.py", *flags, "--exp_path", str(tmp_path / "reference"),
+                       in_process=True)
     exp = tmp_path / "interrupted"
     run = _kill_after_first_checkpoint(command("train_CIFAR10.py", *flags, "--exp_path", str(exp)), exp)
     resumed = run_ok("train_CIFAR10.py", *flags, "--exp_path", str(tmp_path / "unused"),
@@ -325,7 +328,8 @@ def test_torchrun_run_and_its_resume_write_once_and_test_the_whole_split(cifar_m
     final = reported_accuracy(resumed.stdout)
     assert final[0][3] == 15  # every test image counted exactly once over both processes
     tested = run_ok("test_CIFAR10.py", "--data", str(folder), "--auxiliary",
-                    "--model_path", str(run / "trained.pt"), *TINY, "--batchsz", "8")
+                    "--model_path", str(run / "trained.pt"), *TINY, "--batchsz", "8",
+                    in_process=True)
     assert reported_accuracy(tested.stdout) == final
 
 
@@ -339,9 +343,11 @@ def test_device_loader_run_resumes_bit_for_bit_and_logs_its_speed(cifar, tmp_pat
     """--device_loader (the GPU's default) on the CPU: batches augmented on the device,
     3+ steps per epoch, a run extended from 1 to 2 epochs equal to a 2-epoch run."""
     flags = ["--data", str(cifar), "--auxiliary", "--cutout", "--device_loader", *TINY, *EVERY_STEP]
+    # The two runs nothing resumes run in this process; the resumed one as a command line.
     reference = run_ok("train_CIFAR10.py", *flags, "--epochs", "2",
-                       "--exp_path", str(tmp_path / "reference"))
-    run_ok("train_CIFAR10.py", *flags, "--epochs", "1", "--exp_path", str(tmp_path / "part"))
+                       "--exp_path", str(tmp_path / "reference"), in_process=True)
+    run_ok("train_CIFAR10.py", *flags, "--epochs", "1", "--exp_path", str(tmp_path / "part"),
+           in_process=True)
     run = only_run_dir(tmp_path / "part")
     resumed = run_ok("train_CIFAR10.py", *flags, "--epochs", "2",
                      "--checkpoint_path", str(run / "checkpoint.pt"))

@@ -104,8 +104,9 @@ def run_in_process(script: str, *args: str,
     return subprocess.CompletedProcess(argv, returncode, out.getvalue(), err.getvalue())
 
 
-def run_ok(script: str, *args: str) -> subprocess.CompletedProcess:
-    result = run_script(script, *args)
+def run_ok(script: str, *args: str, in_process: bool = False) -> subprocess.CompletedProcess:
+    """``script`` run to success, as its command line or ``in_process``."""
+    result = (run_in_process if in_process else run_script)(script, *args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
