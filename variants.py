@@ -119,6 +119,16 @@ def describe(args: argparse.Namespace) -> str:
     return " + ".join(parts) or "plain DARTS (no collapse fix)"
 
 
+def describe_command_line(argv: List[str]) -> str:
+    """``describe`` for train_search.py's command-line flags ``argv`` (others ignored)."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    add_variant_flags(parser)
+    try:
+        return describe(parser.parse_known_args(argv)[0])
+    except argparse.ArgumentError as error:
+        return f"unreadable collapse-fix flags ({error})"
+
+
 # -- the schedules, by epoch (from 0) of ``epochs`` ---------------------------------------
 
 def beta_decay_weight(beta_decay: float, epoch: int, epochs: int) -> float:
