@@ -203,13 +203,22 @@ class Variant:
         self.epochs = args.epochs
         self.start_epoch(0)
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> str:
         """The schedules' values at ``epoch`` (from 0): read by the steps (a CUDA graph
-        is captured anew every epoch) and, for the auxiliary skip, by every forward."""
+        is captured anew every epoch) and, for the auxiliary skip, by every forward.
+        Returns them in words ('' when nothing is scheduled)."""
         self.beta_weight = beta_decay_weight(self.beta_decay, epoch, self.epochs)
         self.epsilon = perturb_epsilon(self.epsilon_max, epoch, self.epochs)
+        said = []
+        if self.beta_decay:
+            said.append(f"Beta-Decay weight {self.beta_weight:.6g}")
         if self.aux_skip_decay is not None:
-            self.network.aux_skip_rate.fill_(aux_skip_rate(self.aux_skip_decay, epoch, self.epochs))
+            rate = aux_skip_rate(self.aux_skip_decay, epoch, self.epochs)
+            self.network.aux_skip_rate.fill_(rate)
+            said.append(f"auxiliary skip weight {rate:.6g}")
+        if self.perturbation != "none":
+            said.append(f"perturbation radius {self.epsilon:.6g}")
+        return ", ".join(said)
 
     def penalty(self, arch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """The architecture loss's regularisers at ``arch`` (name -> raw parameter), or
