@@ -104,3 +104,7 @@ def test_torchrun_adversarial_ranks_agree_after_every_step(folder, tmp_path):
     _ok(result)
     hashes = _traced_steps(result, [1], ranks=(0, 1))
     assert dict(DIGEST.findall(result.stdout + result.stderr)) == {"0": hashes[-1], "1": hashes[-1]}
+    # The processes drew their noise from generators that started alike and ended
+    # alike: the same draws (DDP would average different ones into the same weights).
+    rng = _checkpoint(only_run_dir(tmp_path / "exp"))["rng"]
+    assert torch.equal(rng[0]["torch"], rng[1]["torch"])
