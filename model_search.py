@@ -663,7 +663,8 @@ def derive_edges(first: torch.Tensor, second: Optional[torch.Tensor], space: Sea
                 gene.append((op, e - start, attention))
             elif weight >= threshold and e - start in live:
                 gene.append((op, e - start, attention, i + 2))
-        live.update(edge[3] for edge in gene if threshold is not None)
+        if gene and len(gene[-1]) > 3 and gene[-1][3] == i + 2:
+            live.add(i + 2)
         start = end
     return gene
 

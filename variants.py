@@ -92,6 +92,13 @@ def check_variant_flags(args: argparse.Namespace) -> None:
     if not 0 < args.perturb_epsilon < math.inf:
         raise UserError(f"--perturb_epsilon must be a positive radius, got {args.perturb_epsilon}")
     sigmoid = args.relaxation == "sigmoid"
+    orphans = {"op_threshold": (not sigmoid, "--relaxation sigmoid"),
+               "aux_skip_decay": (not args.aux_skip, "--aux_skip"),
+               "perturb_epsilon": (args.perturb_alpha == "none", "--perturb_alpha")}
+    for flag, (unused, owner) in orphans.items():
+        if unused and getattr(args, flag) != EARLIER_FLAGS[flag]:
+            raise UserError(f"--{flag} is a setting of {owner}, which is not given: give it as "
+                            f"well, or leave --{flag} out")
     if args.zero_one_weight and not sigmoid:
         raise UserError("--zero_one_weight pushes sigmoid weights to 0 or 1: give --relaxation "
                         "sigmoid as well (FairDARTS)")

@@ -40,6 +40,9 @@ THRESHOLD_CELL = {"normal": [["sep_conv_3x3", 1, "", 2], ["skip_connect", 0, "",
     (["--relaxation", "sigmoid", "--perturb_alpha", "adversarial"], "perturbs softmax(alpha)"),
     (["--perturb_alpha", "random", "--perturb_epsilon", "0"], "--perturb_epsilon must be a positive"),
     (["--relaxation", "sigmoid", "--op_threshold", "1.5"], "--op_threshold must be in (0, 1]"),
+    (["--op_threshold", "0.5"], "--op_threshold is a setting of --relaxation sigmoid"),
+    (["--aux_skip_decay", "cosine"], "--aux_skip_decay is a setting of --aux_skip"),
+    (["--perturb_epsilon", "0.1"], "--perturb_epsilon is a setting of --perturb_alpha"),
 ])
 def test_bad_values_are_one_line_before_any_work(tmp_path, argv, words):
     args = train_search.parser.parse_args(["--data", str(tmp_path / "nothing"), "--exp_path",
@@ -138,6 +141,19 @@ def test_a_threshold_cell_is_read_built_drawn_and_costed(tmp_path):
     source = visualize.cell_graph(genotype.normal, genotype.normal_concat, "").source
     assert '"c_{k-1}" -> 0' in source and "0 -> 1" in source and "1 -> 3" in source
     assert "\t2 [" not in source  # node 2 kept no edge: not drawn
+
+
+@pytest.mark.parametrize("edges, concat, words", [
+    ([["sep_conv_3x3", 1, "", 3], ["skip_connect", 0, "", 2]], [2, 3], "node 2 is invalid"),
+    ([["sep_conv_3x3", 1, "", 3], ["skip_connect", 2, "", 4]], [3, 4], "input index 2 is invalid"),
+    ([["sep_conv_3x3", 1, "", 2], ["skip_connect", 0, ""]], [2], "for every edge"),
+    ([["sep_conv_3x3", 1, "", 2]], [2, 3], "states among 0, 1, 2"),
+    ([], [2], "an empty one only for a cell without edges"),
+])
+def test_bad_threshold_cells_are_one_line(edges, concat, words):
+    with pytest.raises(UserError) as info:
+        genotype_from_dict({**THRESHOLD_CELL, "normal": edges, "normal_concat": concat}, "g.json")
+    assert words in str(info.value) and "g.json: field 'normal" in str(info.value)
 
 
 def test_a_cell_without_edges_is_one_line_when_built():
