@@ -6,7 +6,10 @@ Each iteration (``search_step``): one Adam step on the architecture parameters A
 (first order: grad_A L_val(w, A); second order: through one virtual SGD step of the
 weights, see architect.py) on a batch of the architecture half, then one SGD step on
 the weights w (momentum, weight decay, gradient-norm clipping, cosine learning rate)
-on a batch of the weight half.
+on a batch of the weight half.  The collapse fixes (variants.py, ``--beta_decay``,
+``--aux_skip``, ``--relaxation``, ``--perturb_alpha``) hook in through the architect:
+a penalty on the architecture loss, SDARTS's perturbed architecture for the weight
+step, and their per-epoch schedules (``Variant.start_epoch``).
 
 A search writes, in its run directory: log.txt, genotype.json (every epoch),
 arch_history.jsonl (softmaxed A, metrics and diagnostics per epoch, for plot_search.py),

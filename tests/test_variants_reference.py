@@ -569,6 +569,7 @@ def test_random_smoothing_is_sdarts_rs():
     assert not torch.allclose(held[0], F.softmax(clean[0], dim=-1))
 
 
+@pytest.mark.slow
 def test_adversarial_perturbation_is_sdarts_pgd():
     network, reference, (batch, _) = make_pair(PRIMITIVES)
     reverted, held, clean = _perturbed_weight_step(network, reference, "adversarial", reference_pgd,
