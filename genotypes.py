@@ -1,14 +1,16 @@
 """Genotypes: the plain-data description of a cell, and the published cells.
 
 A genotype lists, for each intermediate node of a cell, its two incoming edges as
-triples ``(op, input_index, attention)``.  A cell derived by FairDARTS's threshold
-(``--relaxation sigmoid``) may keep fewer: its edges name the node they lead to as a
-fourth element, ``(op, input_index, attention, node)`` (node k: the state k, >= 2), and
-its concat lists the nodes that kept an edge (``edge_nodes`` reads either form).  ``op`` is a name from ``PRIMITIVES``
+triples ``(op, input_index, attention)``.  ``op`` is a name from ``PRIMITIVES``
 (or, for the mixed search locations, an attention name); ``attention`` is a name
 from ``ATTN_PRIMITIVES`` or ``''`` when the edge has none.  Input 0 and 1 are the
 cell's two inputs, input ``k >= 2`` is intermediate node ``k - 2``.  The
 bottlenecks are cell-end attentions applied after the concatenation (``''``: none).
+
+A cell derived by FairDARTS's threshold (``--relaxation sigmoid``) may keep fewer
+edges: each of its edges names the node it leads to as a fourth element,
+``(op, input_index, attention, node)`` (node k: state k, >= 2), and its concat lists
+the nodes that kept an edge (``edge_nodes`` reads either form).
 
 A genotype's file form is ``genotype.json`` (written by the search, read by
 ``--arch_path`` and visualize.py): ``genotype_to_dict`` and ``save_genotype`` write it,
@@ -215,24 +217,24 @@ def _parse_edges(value: Any, where: str) -> List[Tuple]:
         raise UserError(f"{where}: expected a list of an even number of [op, input, attention] "
                         f"entries (two per node), or of [op, input, attention, node] entries, "
                         f"got {value!r}")
-    edges = []
-    live = {0, 1}  # the states an edge may leave: the inputs, the nodes that have an edge
+    edges: List[Tuple] = []
     for position, edge in enumerate(value):
         here = f"{where}[{position}]"
         if not isinstance(edge, (list, tuple)) or len(edge) not in (2, 3, 4) or (len(edge) == 4) != named:
             raise UserError(f"{here}: expected [op, input index] or [op, input index, attention] "
                             f"(or [op, input index, attention, node] for every edge), got {edge!r}")
         op = _check_choice(edge[0], FIRST_ELEMENTS, here, "operation")
+        before = edge_nodes(edges)
         node = edge[3] if named else 2 + position // 2
-        if isinstance(node, bool) or not isinstance(node, int) or node < (edges[-1][-1] if named and edges else 2):
+        if isinstance(node, bool) or not isinstance(node, int) or node < max(before, default=2):
             raise UserError(f"{here}: node {node!r} is invalid: edges go node by node, the nodes "
                             f"numbered from 2 (0, 1: the cell inputs)")
-        if edges and node != (edges[-1][-1] if named else 2 + (position - 1) // 2):
-            live.add(edges[-1][-1] if named else 1 + position // 2)  # the previous node is done
+        # An edge leaves a cell input or an earlier node that has an edge.
+        live = sorted({0, 1, *(n for n in before if n < node)})
         index = edge[1]
         if isinstance(index, bool) or not isinstance(index, int) or index not in live:
             raise UserError(f"{here}: input index {index!r} is invalid for node {node - 2}; "
-                            f"valid: {', '.join(map(str, sorted(live)))} (0, 1: cell inputs, "
+                            f"valid: {', '.join(map(str, live))} (0, 1: cell inputs, "
                             f"k >= 2: node k-2{', if it has an edge' if named else ''})")
         attention = _check_choice(edge[2] if len(edge) > 2 else "", SECOND_ELEMENTS, here, "attention")
         edges.append((op, index, attention, node) if named else (op, index, attention))

@@ -180,9 +180,10 @@ def zero_one_loss(network: Network, arch: Dict[str, torch.Tensor]) -> torch.Tens
               "gammas": network.space.cell_end}
     total = 0
     for family, names in candidate_families(network).items():
-        columns = [k for k, name in enumerate(stages[family]) if name != "none"]
-        weights = torch.cat([torch.sigmoid(arch[n]).reshape(-1, arch[n].shape[-1])[:, columns]
-                             for n in names])
+        rows = torch.sigmoid(torch.cat([arch[n].reshape(-1, arch[n].shape[-1]) for n in names]))
+        # Column slices, not an index list: that would be a host-to-device copy per step.
+        weights = torch.cat([rows[:, k:k + 1] for k, name in enumerate(stages[family])
+                             if name != "none"], dim=1)
         total = total - F.mse_loss(weights, torch.full_like(weights, 0.5))
     return total
 
