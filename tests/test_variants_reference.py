@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from reference_values import fill_seeded, fill_seeded_supernet
-from torch.func import functional_call
 
 import variants
 from architect import Architect
@@ -228,8 +227,8 @@ def test_beta_decay_takes_each_attention_family_as_the_alphas():
                       image_size=SIZE).double()
     fill_seeded_supernet(network)
     arch = network.named_arch_parameters()
-    expected = sum(mlc_loss(torch.cat([arch[f"{family}_normal"].reshape(-1, arch[f"{family}_normal"].shape[-1]),
-                                       arch[f"{family}_reduce"].reshape(-1, arch[f"{family}_reduce"].shape[-1])]))
+    rows = {name: value.reshape(-1, value.shape[-1]) for name, value in arch.items()}  # gammas: 1 row
+    expected = sum(mlc_loss(torch.cat([rows[f"{family}_normal"], rows[f"{family}_reduce"]]))
                    for family in ("alphas", "betas", "gammas"))
     torch.testing.assert_close(variants.beta_decay_loss(network, arch), expected, **TOLERANCE)
 
@@ -308,7 +307,8 @@ def test_sigmoid_zero_one_gradient_is_fairdarts_architect_step():
     grads = architect(network, variant).architecture_gradient(x, y, x, y, 0.1)
     logits = reference(x)
     torch.testing.assert_close(network(x), logits, **TOLERANCE)
-    aux_input = torch.cat([torch.sigmoid(reference.alphas_normal), torch.sigmoid(reference.alphas_reduce)], dim=0)
+    aux_input = torch.cat([torch.sigmoid(reference.alphas_normal),
+                           torch.sigmoid(reference.alphas_reduce)], dim=0)
     expected = torch.autograd.grad(conv_separate_loss(logits, y, aux_input), reference.arch())
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got[:, 1:], want, **TOLERANCE)

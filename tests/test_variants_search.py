@@ -2,10 +2,9 @@
 folder of test_search_script.py (3 iterations per epoch and process): a search with
 beta-DARTS, DARTS- and SDARTS-RS at once resumes bit for bit at the right epoch of
 their schedules; FairDARTS composes with PC-DARTS and the second order and writes a
-threshold cell that trains; SDARTS-ADV runs under --amp and, under torchrun, holds the
+threshold cell a final network is built from; SDARTS-ADV runs under --amp and, under torchrun, holds the
 same architecture on both processes after every step."""
 import json
-import re
 import subprocess
 
 import pytest
@@ -13,7 +12,8 @@ import torch
 from test_search_script import (DIGEST, STEPS, TRACE, _assert_finite, _assert_same_arch,  # noqa: F401
                                 _checkpoint, _ok, _traced_steps, folder, search_flags)
 from test_training import _kill_after_first_checkpoint
-from training_helpers import REPO, command, only_run_dir, run_parallel, run_script, script_env, torchrun_command
+from training_helpers import (REPO, command, only_run_dir, run_parallel, run_script, script_env,
+                              torchrun_command)
 
 from genotypes import load_genotype
 from model import NetworkCIFAR
