@@ -70,7 +70,7 @@ def add_variant_flags(parser: argparse.ArgumentParser) -> None:
                         help="FairDARTS's zero-one loss: the architecture loss gains "
                              "-W * mean((sigmoid(alpha) - 0.5)^2) (their release: 10; needs "
                              "--relaxation sigmoid); 0: off")
-    parser.add_argument("--op_threshold", type=float, default=0.85,
+    parser.add_argument("--op_threshold", type=float, default=0.85, metavar="T",
                         help="--relaxation sigmoid: a kept edge (two strongest per node) stays "
                              "only if its operation's sigmoid reaches this, as FairDARTS "
                              "derives its cells; a node may keep fewer than two edges")
