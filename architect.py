@@ -15,8 +15,10 @@ is averaged over processes and the new A is broadcast from rank 0, so all ranks
 hold bit-identical A.
 The step runs in float32 whatever ``--amp`` says (see ``_loss``), and the second
 order's passes in IEEE float32 on CUDA, not TF32 (``precision.exact_float32``).
+A ``variant`` (variants.py) adds the gradient of its penalty on A (beta-DARTS's
+Beta-Decay, FairDARTS's zero-one loss) to either order's gradient.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,16 +27,19 @@ from model_search import Network
 from runtime.parallel import all_reduce_mean_, broadcast_, unwrap
 from runtime.precision import exact_float32
 from runtime.recompute import batch_norms, batch_statistics_only
+from variants import Variant
 
 Tensors = Dict[str, torch.Tensor]
 
 
 class Architect:
     def __init__(self, model: nn.Module, weight_optimizer: torch.optim.SGD, arch_lr: float,
-                 arch_wd: float, unrolled: bool, capturable: bool = False):
+                 arch_wd: float, unrolled: bool, capturable: bool = False,
+                 variant: Optional[Variant] = None):
         """``model``: the supernet, bare or wrapped in DataParallel/DDP.  ``capturable``:
         Adam keeps its step count on the device, so that a CUDA graph can hold the step
-        (CUDA only; on the CPU the count is a host number anyway)."""
+        (CUDA only; on the CPU the count is a host number anyway).  ``variant``: the
+        collapse fixes of the search (variants.py), if any."""
         # functional_call needs the bare network: PyTorch refuses it on DataParallel,
         # and DDP's forward would synchronise buffers.  Under torchrun each process
         # runs this step on its own shard and the gradients are averaged here; with
@@ -43,6 +48,7 @@ class Architect:
         self.norms = batch_norms(self.network)
         self.weight_optimizer = weight_optimizer
         self.unrolled = unrolled
+        self.variant = variant
         self.optimizer = torch.optim.Adam(self.network.arch_parameters(), lr=arch_lr,
                                           betas=(0.5, 0.999), weight_decay=arch_wd, foreach=True,
                                           capturable=capturable)
@@ -151,13 +157,29 @@ class Architect:
         return list(torch._foreach_div(difference, 2 * eps))
 
     # -- the step -------------------------------------------------------------------
-    def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor,
-             y_valid: torch.Tensor, lr: float) -> None:
-        """One Adam step on A.  ``lr`` is the weight optimizer's current learning rate."""
+    def architecture_gradient(self, x_train: torch.Tensor, y_train: torch.Tensor,
+                              x_valid: torch.Tensor, y_valid: torch.Tensor,
+                              lr: float) -> List[torch.Tensor]:
+        """The gradient the step applies: first or second order, plus the variant's
+        penalty's (it depends on A alone, the same on every process)."""
         if self.unrolled:
             grads = self.second_order_gradient(x_train, y_train, x_valid, y_valid, lr)
         else:
             grads = self.first_order_gradient(x_valid, y_valid)
+        arch = self.network.named_arch_parameters()
+        with torch.autocast(x_valid.device.type, enabled=False):
+            penalty = self.variant.penalty(arch) if self.variant is not None else None
+            if penalty is None:
+                return grads
+            # PC-DARTS's edge weights take no part in a penalty: zero gradients for them.
+            penalty_grads = torch.autograd.grad(penalty, list(arch.values()), allow_unused=True,
+                                                materialize_grads=True)
+        return list(torch._foreach_add(grads, penalty_grads))
+
+    def step(self, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor,
+             y_valid: torch.Tensor, lr: float) -> None:
+        """One Adam step on A.  ``lr`` is the weight optimizer's current learning rate."""
+        grads = self.architecture_gradient(x_train, y_train, x_valid, y_valid, lr)
         for param, grad in zip(self.network.arch_parameters(), grads):
             param.grad = grad
         self.optimizer.step()

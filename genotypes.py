@@ -7,6 +7,11 @@ from ``ATTN_PRIMITIVES`` or ``''`` when the edge has none.  Input 0 and 1 are th
 cell's two inputs, input ``k >= 2`` is intermediate node ``k - 2``.  The
 bottlenecks are cell-end attentions applied after the concatenation (``''``: none).
 
+A cell derived by FairDARTS's threshold (``--relaxation sigmoid``) may keep fewer
+edges: each of its edges names the node it leads to as a fourth element,
+``(op, input_index, attention, node)`` (node k: state k, >= 2), and its concat lists
+the nodes that kept an edge (``edge_nodes`` reads either form).
+
 A genotype's file form is ``genotype.json`` (written by the search, read by
 ``--arch_path`` and visualize.py): ``genotype_to_dict`` and ``save_genotype`` write it,
 ``load_genotype`` reads and validates it.
@@ -170,11 +175,19 @@ SECOND_ELEMENTS = [""] + ATTN_PRIMITIVES + [name for name in OPERATIONS if name 
 BOTTLENECKS = [""] + ATTN_PRIMITIVES
 
 
+def edge_nodes(edges: Sequence[Sequence]) -> List[int]:
+    """The state each edge of a cell leads to: its fourth element, or (two edges per
+    node) 2 + its position // 2."""
+    return [int(edge[3]) if len(edge) > 3 else 2 + position // 2
+            for position, edge in enumerate(edges)]
+
+
 def genotype_to_dict(genotype: Genotype) -> Dict[str, Any]:
     """The JSON form of a genotype; pairs (cells written in DARTS' own form, as
     ``(op, input)``) gain '' as their attention."""
     def triples(edges):
-        return [[edge[0], int(edge[1]), edge[2] if len(edge) > 2 else ""] for edge in edges]
+        return [[edge[0], int(edge[1]), edge[2] if len(edge) > 2 else ""]
+                + ([int(edge[3])] if len(edge) > 3 else []) for edge in edges]
     return {
         "normal": triples(genotype.normal),
         "normal_concat": list(genotype.normal_concat),
@@ -196,34 +209,45 @@ def _check_choice(value: Any, valid: Sequence[str], where: str, what: str) -> st
     return value
 
 
-def _parse_edges(value: Any, where: str) -> List[Tuple[str, int, str]]:
-    if not isinstance(value, list) or len(value) < 2 or len(value) % 2:
+def _parse_edges(value: Any, where: str) -> List[Tuple]:
+    """A cell's edges: two per node, or (a threshold cell) each naming its node; an
+    empty list is a threshold cell that kept no edge."""
+    named = isinstance(value, list) and all(isinstance(e, (list, tuple)) and len(e) == 4 for e in value)
+    if not isinstance(value, list) or (not named and (len(value) < 2 or len(value) % 2)):
         raise UserError(f"{where}: expected a list of an even number of [op, input, attention] "
-                        f"entries (two per node), got {value!r}")
-    edges = []
+                        f"entries (two per node), or of [op, input, attention, node] entries, "
+                        f"got {value!r}")
+    edges: List[Tuple] = []
     for position, edge in enumerate(value):
         here = f"{where}[{position}]"
-        if not isinstance(edge, (list, tuple)) or len(edge) not in (2, 3):
-            raise UserError(f"{here}: expected [op, input index] or [op, input index, attention], "
-                            f"got {edge!r}")
+        if not isinstance(edge, (list, tuple)) or len(edge) not in (2, 3, 4) or (len(edge) == 4) != named:
+            raise UserError(f"{here}: expected [op, input index] or [op, input index, attention] "
+                            f"(or [op, input index, attention, node] for every edge), got {edge!r}")
         op = _check_choice(edge[0], FIRST_ELEMENTS, here, "operation")
+        before = edge_nodes(edges)
+        node = edge[3] if named else 2 + position // 2
+        if isinstance(node, bool) or not isinstance(node, int) or node < max(before, default=2):
+            raise UserError(f"{here}: node {node!r} is invalid: edges go node by node, the nodes "
+                            f"numbered from 2 (0, 1: the cell inputs)")
+        # An edge leaves a cell input or an earlier node that has an edge.
+        live = sorted({0, 1, *(n for n in before if n < node)})
         index = edge[1]
-        node = position // 2
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < node + 2:
-            raise UserError(f"{here}: input index {index!r} is invalid for node {node}; "
-                            f"valid: 0..{node + 1} (0, 1: cell inputs, k >= 2: node k-2)")
-        attention = edge[2] if len(edge) == 3 else ""
-        attention = _check_choice(attention, SECOND_ELEMENTS, here, "attention")
-        edges.append((op, index, attention))
+        if isinstance(index, bool) or not isinstance(index, int) or index not in live:
+            raise UserError(f"{here}: input index {index!r} is invalid for node {node - 2}; "
+                            f"valid: {', '.join(map(str, live))} (0, 1: cell inputs, "
+                            f"k >= 2: node k-2{', if it has an edge' if named else ''})")
+        attention = _check_choice(edge[2] if len(edge) > 2 else "", SECOND_ELEMENTS, here, "attention")
+        edges.append((op, index, attention, node) if named else (op, index, attention))
     return edges
 
 
-def _parse_concat(value: Any, num_nodes: int, where: str) -> List[int]:
-    valid = range(num_nodes + 2)
-    if (not isinstance(value, list) or not value
+def _parse_concat(value: Any, edges: Sequence[Tuple], where: str) -> List[int]:
+    valid = sorted({0, 1, *edge_nodes(edges)})
+    if (not isinstance(value, list) or bool(edges) != bool(value)
             or any(isinstance(i, bool) or not isinstance(i, int) or i not in valid for i in value)):
-        raise UserError(f"{where}: expected a non-empty list of state indices in "
-                        f"0..{num_nodes + 1}, got {value!r}")
+        raise UserError(f"{where}: expected a non-empty list of states among "
+                        f"{', '.join(map(str, valid))} (an empty one only for a cell without "
+                        f"edges), got {value!r}")
     return list(value)
 
 
@@ -244,7 +268,7 @@ def genotype_from_dict(data: Any, source: str = "genotype") -> Genotype:
                 raise UserError(f"{source}: missing field {key!r}")
         edges = _parse_edges(data[kind], f"{source}: field {kind!r}")
         fields[kind] = edges
-        fields[f"{kind}_concat"] = _parse_concat(data[f"{kind}_concat"], len(edges) // 2,
+        fields[f"{kind}_concat"] = _parse_concat(data[f"{kind}_concat"], edges,
                                                  f"{source}: field '{kind}_concat'")
         fields[f"{kind}_bottleneck"] = _check_choice(
             data.get(f"{kind}_bottleneck", ""), BOTTLENECKS,

@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from attentions import ATTENTIONS, build_attention, upgrade_legacy_keys
-from genotypes import Genotype
+from genotypes import Genotype, edge_nodes
 from operations import OPS, FactorizedReduce, ReLUConvBN, halve, is_identity_op
+from runtime.errors import UserError
 
 
 def build_first_layer(name: str, C: int, stride: int, reduction: bool,
@@ -67,10 +68,16 @@ class Cell(nn.Module):
         edges = genotype.reduce if reduction else genotype.normal
         concat = genotype.reduce_concat if reduction else genotype.normal_concat
         bottleneck = genotype.reduce_bottleneck if reduction else genotype.normal_bottleneck
-        self._steps = len(edges) // 2
+        if not edges:
+            raise UserError(f"the genotype's {'reduction' if reduction else 'normal'} cell has no "
+                            f"edge (its threshold derivation kept none: search longer, or with a "
+                            f"lower --op_threshold)")
         self._concat = list(concat)
         self.multiplier = len(concat)
         self._indices = [edge[1] for edge in edges]
+        # A threshold cell (FairDARTS) may give a node fewer than two edges, or none: as
+        # their final cell, a node sums the edges it has and the concat lists the nodes.
+        self._nodes = edge_nodes(edges)
 
         self._first_layers = nn.ModuleList()
         self._second_layers = nn.ModuleList()
@@ -78,7 +85,7 @@ class Cell(nn.Module):
         # published models were trained with.
         self._droppable: List[bool] = []
         for edge in edges:
-            op_name, index, attention_name = edge
+            op_name, index, attention_name = edge[:3]
             stride = 2 if reduction and index < 2 else 1
             self._first_layers.append(
                 build_first_layer(op_name, C, stride, reduction, height, width))
@@ -89,15 +96,12 @@ class Cell(nn.Module):
                             if bottleneck else None)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
-        for i in range(self._steps):
-            node = None
-            for e in (2 * i, 2 * i + 1):
-                h = self._second_layers[e](self._first_layers[e](states[self._indices[e]]))
-                if self.training and drop_prob > 0 and self._droppable[e]:
-                    h = drop_path(h, drop_prob)
-                node = h if node is None else node + h
-            states.append(node)
+        states = {0: self.preprocess0(s0), 1: self.preprocess1(s1)}
+        for e, (index, node) in enumerate(zip(self._indices, self._nodes)):
+            h = self._second_layers[e](self._first_layers[e](states[index]))
+            if self.training and drop_prob > 0 and self._droppable[e]:
+                h = drop_path(h, drop_prob)
+            states[node] = h if node not in states else states[node] + h
         out = torch.cat([states[i] for i in self._concat], dim=1)
         if self._bottleneck is not None:
             out = self._bottleneck(out)

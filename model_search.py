@@ -27,6 +27,9 @@ from runtime.recompute import BATCH_NORMS, RecomputedPart
 # Prefix of PC-DARTS's per-edge architecture parameters (edge normalisation), apart
 # from the attention parameters betas_*.
 EDGE_WEIGHTS = "edge_weights"
+# How the architecture parameters weigh an edge's candidates: DARTS's softmax over the
+# row, or FairDARTS's independent sigmoids.
+RELAXATIONS = ("softmax", "sigmoid")
 
 
 class AttLocation(enum.Enum):
@@ -102,6 +105,9 @@ class MixedOp(nn.Module):
     """For each of ``edges`` edges, sum_k w_k * candidate_k(x_edge).  `none` is never
     built nor run: it adds exactly zero.
 
+    With ``aux_skip`` (DARTS-) it adds ``rate * skip_connect(x_edge)``, the rate given as
+    one more weight column after the candidates'.
+
     The edges run side by side: the input is (B, edges*C, H, W), edge e's channels at
     block e, and every candidate is built for all the edges at once (grouped by edge,
     see operations.py): a few large kernels instead of one small one per edge and
@@ -109,12 +115,18 @@ class MixedOp(nn.Module):
     edges' channels keep each edge's own statistics."""
 
     def __init__(self, candidates: Sequence[str], C: int, stride: int, height: int, width: int,
-                 edges: int = 1):
+                 edges: int = 1, aux_skip: bool = False):
         super().__init__()
         self.edges = edges
         self._weight_index = [k for k, name in enumerate(candidates) if name != "none"]
-        self._ops = nn.ModuleList(
-            build_candidate(candidates[k], C, stride, height, width, edges) for k in self._weight_index)
+        names = [candidates[k] for k in self._weight_index]
+        if aux_skip:
+            # DARTS-'s auxiliary skip: one more skip_connect of its own, weighted by the
+            # column after the candidates' (the decaying rate, see Network._cell_weights).
+            self._weight_index.append(len(candidates))
+            names.append("skip_connect")
+        self._ops = nn.ModuleList(build_candidate(name, C, stride, height, width, edges)
+                                  for name in names)
         # The conv candidates all begin with ReLU(x): rectify once, which saves their
         # copies of it (time, and memory kept for backward).
         self._starts_with_relu = [isinstance(op, ReLUFirst) for op in self._ops]
@@ -247,7 +259,7 @@ class SearchCell(nn.Module):
 
     def __init__(self, space: SearchSpace, steps: int, multiplier: int, C_prev_prev: int,
                  C_prev: int, C: int, reduction: bool, reduction_prev: bool,
-                 height: int, width: int, partial_channels: int = 1):
+                 height: int, width: int, partial_channels: int = 1, aux_skip: bool = False):
         super().__init__()
         self.reduction = reduction
         self.partial_channels = partial_channels
@@ -270,7 +282,7 @@ class SearchCell(nn.Module):
             stride = 2 if reduction and j < 2 else 1
             # The first stage sees C/K channels of its state (PC-DARTS), the rest bypass it.
             self._ops_from.append(MixedOp(space.first_stage, C // partial_channels, stride,
-                                          height, width, len(edges)))
+                                          height, width, len(edges), aux_skip))
             if space.second_stage is not None:
                 self._attns_from.append(MixedOp(space.second_stage, C, 1, height, width, len(edges)))
         self._bottleneck = (MixedOp(space.cell_end, multiplier * C, 1, height, width)
@@ -389,17 +401,35 @@ class Network(nn.Module):
     bypass it, and the edge's output is channel-shuffled in K groups; a second stage
     and a cell-end attention see all channels.  ``edge_norm=True`` adds PC-DARTS's
     edge weights ``edge_weights_normal``/``edge_weights_reduce`` (one per edge; a node
-    sums its incoming edges weighted by their softmax over that node's edges)."""
+    sums its incoming edges weighted by their softmax over that node's edges).
+
+    The published fixes of collapse (variants.py drives them): ``relaxation="sigmoid"``
+    weighs every candidate by its own sigmoid instead of the row's softmax and derives
+    the cell by FairDARTS's threshold (``op_threshold``); ``aux_skip=True`` adds DARTS-'s
+    auxiliary skip connection to every edge's operations, weighted by the buffer
+    ``aux_skip_rate``; ``holding_relaxed`` lets SDARTS's weight step run on perturbed
+    relaxed weights."""
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion: nn.Module,
                  location: "AttLocation | str" = AttLocation.AFTER_EVERY, steps: int = 4,
                  multiplier: int = 4, stem_multiplier: int = 3, image_size: int = 32,
-                 recompute: bool = False, partial_channels: int = 1, edge_norm: bool = False):
+                 recompute: bool = False, partial_channels: int = 1, edge_norm: bool = False,
+                 relaxation: str = "softmax", op_threshold: float = 0.85, aux_skip: bool = False):
         super().__init__()
         check_partial_channels(C, layers, partial_channels)
+        if relaxation not in RELAXATIONS:
+            raise ValueError(f"unknown relaxation {relaxation!r}; valid: {', '.join(RELAXATIONS)}")
         self.recompute = recompute
         self.partial_channels = partial_channels
         self.edge_norm = edge_norm
+        self.relaxation = relaxation
+        self.op_threshold = op_threshold
+        self.aux_skip = aux_skip
+        # True while the architecture tensors hold relaxed weights (SDARTS's weight step).
+        self._holds_relaxed = False
+        # DARTS-'s rate of the auxiliary skip, set every epoch (a buffer: a CUDA graph
+        # reads its current value, a checkpoint does not hold it).
+        self.register_buffer("aux_skip_rate", torch.ones(()), persistent=False)
         self.criterion = criterion
         self.steps = steps
         self._multiplier = multiplier
@@ -421,7 +451,7 @@ class Network(nn.Module):
                 C_curr *= 2
                 size = halve(size)
             cell = SearchCell(self.space, steps, multiplier, C_prev_prev, C_prev, C_curr,
-                              reduction, reduction_prev, size, size, partial_channels)
+                              reduction, reduction_prev, size, size, partial_channels, aux_skip)
             self.cells.append(cell)
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -473,14 +503,50 @@ class Network(nn.Module):
             for p in params:
                 p.requires_grad_(True)
 
+    @contextlib.contextmanager
+    def holding_relaxed(self, weights: Optional[Dict[str, torch.Tensor]] = None) -> Iterator[None]:
+        """Within this block the forward takes the architecture tensors as relaxed
+        weights, as they are (SDARTS's ``updateType='weight'``): the tensors a
+        ``functional_call`` passes, or ``weights`` (name -> relaxed weight), copied into
+        the parameters here and the parameters restored afterwards (in place: a CUDA
+        graph and DataParallel's replicas see them)."""
+        saved = {}
+        with torch.no_grad():
+            for name, value in (weights or {}).items():
+                param = getattr(self, name)
+                saved[name] = param.detach().clone()
+                param.copy_(value)
+        self._holds_relaxed = True
+        try:
+            yield
+        finally:
+            self._holds_relaxed = False
+            with torch.no_grad():
+                for name, value in saved.items():
+                    getattr(self, name).copy_(value)
+
     # -- forward --------------------------------------------------------------
-    def _cell_weights(self, kind: str) -> Tuple[Optional[torch.Tensor], ...]:
-        """The softmaxed (first, second, cell_end, edge) weights of ``kind`` cells."""
-        first = F.softmax(getattr(self, f"alphas_{kind}"), dim=-1)
-        second = F.softmax(getattr(self, f"betas_{kind}"), dim=-1) if self.space.second_stage else None
-        cell_end = F.softmax(getattr(self, f"gammas_{kind}"), dim=-1) if self.space.cell_end else None
-        edges = (node_softmax(getattr(self, f"{EDGE_WEIGHTS}_{kind}"), self.steps)
-                 if self.edge_norm else None)
+    def relaxed(self, name: str) -> torch.Tensor:
+        """Architecture parameter ``name`` as the forward weighs with it: softmaxed (or,
+        ``relaxation="sigmoid"``, sigmoided) over each row's candidates, or (edge weights)
+        softmaxed over each node's incoming edges."""
+        param = getattr(self, name)
+        if self._holds_relaxed:
+            return param
+        if name.startswith(EDGE_WEIGHTS):
+            return node_softmax(param, self.steps)
+        return torch.sigmoid(param) if self.relaxation == "sigmoid" else F.softmax(param, dim=-1)
+
+    def _cell_weights(self, kind: str, aux_skip: bool = True) -> Tuple[Optional[torch.Tensor], ...]:
+        """The relaxed (first, second, cell_end, edge) weights of ``kind`` cells; with the
+        auxiliary skip, ``first`` carries its rate as one more column."""
+        first = self.relaxed(f"alphas_{kind}")
+        if self.aux_skip and aux_skip:
+            rate = self.aux_skip_rate.to(first.dtype).expand(first.shape[0], 1)
+            first = torch.cat([first, rate], dim=1)
+        second = self.relaxed(f"betas_{kind}") if self.space.second_stage else None
+        cell_end = self.relaxed(f"gammas_{kind}") if self.space.cell_end else None
+        edges = self.relaxed(f"{EDGE_WEIGHTS}_{kind}") if self.edge_norm else None
         return first, second, cell_end, edges
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -531,50 +597,58 @@ class Network(nn.Module):
         return self.criterion(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
 
     # -- derivation -----------------------------------------------------------
-    def softmaxed(self, name: str) -> torch.Tensor:
-        """Architecture parameter ``name`` softmaxed as the forward uses it: over each
-        row's candidates, or (edge weights) over each node's incoming edges."""
-        param = getattr(self, name)
-        if name.startswith(EDGE_WEIGHTS):
-            return node_softmax(param, self.steps)
-        return F.softmax(param, dim=-1)
-
     def softmaxed_arch(self) -> Dict[str, List]:
-        """The softmaxed architecture weights, as nested lists (for logs and plots)."""
+        """The relaxed architecture weights (softmaxed, or sigmoided), as nested lists
+        (for logs and plots)."""
         with torch.no_grad():
-            return {name: self.softmaxed(name).float().cpu().tolist() for name in self._arch_names}
+            return {name: self.relaxed(name).float().cpu().tolist() for name in self._arch_names}
 
     def genotype(self) -> Genotype:
-        """The discrete cell these architecture weights stand for (``derive_genotype``)."""
+        """The discrete cell these architecture weights stand for (``derive_genotype``;
+        with sigmoids, FairDARTS's threshold rule)."""
         with torch.no_grad():
             weights = {kind: [w.detach().cpu() if w is not None else None
-                              for w in self._cell_weights(kind)] for kind in ("normal", "reduce")}
-        return derive_genotype(weights, self.space, self.steps, self._multiplier)
+                              for w in self._cell_weights(kind, aux_skip=False)]
+                       for kind in ("normal", "reduce")}
+        threshold = self.op_threshold if self.relaxation == "sigmoid" else None
+        return derive_genotype(weights, self.space, self.steps, self._multiplier, threshold)
 
 
 def derive_genotype(weights: Dict[str, Sequence[Optional[torch.Tensor]]], space: SearchSpace,
-                    steps: int, multiplier: int) -> Genotype:
+                    steps: int, multiplier: int, threshold: Optional[float] = None) -> Genotype:
     """The DARTS rule: per node the two strongest incoming edges (ignoring `none`), each
     with its best non-`none` first- and second-stage candidate; the cell-end attention
-    is the best one.  ``weights[kind]`` holds the softmaxed (first, second, cell_end)
+    is the best one.  ``weights[kind]`` holds the relaxed (first, second, cell_end)
     weights of ``kind`` ("normal" or "reduce"), edges numbered node by node, and
     optionally fourth the normalised edge weights (PC-DARTS: an edge's strength is then
-    its strongest operation weight times its edge weight)."""
-    concat = list(range(2 + steps - multiplier, steps + 2))
-    cells = {kind: derive_edges(w[0], w[1], space, steps, w[3] if len(w) > 3 else None)
+    its strongest operation weight times its edge weight).
+
+    With ``threshold`` (FairDARTS's ``threshold_sparse``, on sigmoid weights) a kept
+    edge stays only if its operation's weight reaches the threshold, and an attention
+    only if its own does (else ''): a node may keep fewer than two edges.  Edges then
+    name their node (``(op, input, attention, node)``), the edges leaving a node that
+    kept none are dropped (FairDARTS's final cell skips them), and the concat lists
+    the nodes that kept an edge."""
+    cells = {kind: derive_edges(w[0], w[1], space, steps, w[3] if len(w) > 3 else None, threshold)
              for kind, w in weights.items()}
-    ends = {kind: best_candidate(w[2], space.cell_end)[0] if w[2] is not None else ""
+    ends = {kind: best_candidate(w[2], space.cell_end, threshold)[0] if w[2] is not None else ""
             for kind, w in weights.items()}
-    return Genotype(normal=cells["normal"], normal_concat=concat,
-                    reduce=cells["reduce"], reduce_concat=concat,
+    concat = {kind: list(range(2 + steps - multiplier, steps + 2)) if threshold is None
+              else sorted({edge[3] for edge in cells[kind]}) for kind in cells}
+    return Genotype(normal=cells["normal"], normal_concat=concat["normal"],
+                    reduce=cells["reduce"], reduce_concat=concat["reduce"],
                     normal_bottleneck=ends["normal"], reduce_bottleneck=ends["reduce"])
 
 
 def derive_edges(first: torch.Tensor, second: Optional[torch.Tensor], space: SearchSpace,
-                 steps: int, edge_weights: Optional[torch.Tensor] = None) -> List[Tuple[str, int, str]]:
+                 steps: int, edge_weights: Optional[torch.Tensor] = None,
+                 threshold: Optional[float] = None) -> List[Tuple]:
     """One cell's (operation, input, attention) per kept edge, node by node; with
-    ``edge_weights``, edges rank by (strongest operation weight) x (edge weight)."""
+    ``edge_weights``, edges rank by (strongest operation weight) x (edge weight); with
+    ``threshold``, (operation, input, attention, node) for the edges that reach it
+    from a node that kept an edge (see ``derive_genotype``)."""
     gene = []
+    live = {0, 1}  # the states an edge may leave: the cell's inputs, nodes with an edge
     start = 0
     for i in range(steps):
         end = start + i + 2
@@ -582,14 +656,23 @@ def derive_edges(first: torch.Tensor, second: Optional[torch.Tensor], space: Sea
                     * (float(edge_weights[e]) if edge_weights is not None else 1.0)
                     for e in range(start, end)}
         for e in sorted(strength, key=lambda e: -strength[e])[:2]:
-            op = best_candidate(first[e], space.first_stage)[0]
-            attention = best_candidate(second[e], space.second_stage)[0] if second is not None else ""
-            gene.append((op, e - start, attention))
+            op, weight = best_candidate(first[e], space.first_stage)
+            attention = (best_candidate(second[e], space.second_stage, threshold)[0]
+                         if second is not None else "")
+            if threshold is None:
+                gene.append((op, e - start, attention))
+            elif weight >= threshold and e - start in live:
+                gene.append((op, e - start, attention, i + 2))
+        if gene and len(gene[-1]) > 3 and gene[-1][3] == i + 2:
+            live.add(i + 2)
         start = end
     return gene
 
 
-def best_candidate(weights: torch.Tensor, names: Sequence[str]) -> Tuple[str, float]:
-    """The strongest candidate other than `none`, and its weight."""
+def best_candidate(weights: torch.Tensor, names: Sequence[str],
+                   threshold: Optional[float] = None) -> Tuple[str, float]:
+    """The strongest candidate other than `none`, and its weight ('' when it falls
+    short of ``threshold``)."""
     best = max((k for k, name in enumerate(names) if name != "none"), key=lambda k: float(weights[k]))
-    return names[best], float(weights[best])
+    weight = float(weights[best])
+    return (names[best] if threshold is None or weight >= threshold else ""), weight

@@ -5,6 +5,8 @@
     python train_search.py --location end        # first order, one attention per cell
     python train_search.py --partial_channels 4 --batchsz 256 --lr 0.1 --lr_min 0 \
         --arch_lr 6e-4 --arch_warmup_epochs 15   # PC-DARTS's search settings
+    python train_search.py --beta_decay 50 --aux_skip --perturb_alpha random
+                                                 # collapse fixes (variants.py), combined
 
 Writes, in a new directory under --exp_path: log.txt, genotype.json (every epoch),
 arch_history.jsonl (softmaxed alpha/beta/gamma, metrics and diagnostics per epoch, for
@@ -18,6 +20,7 @@ from runtime import searching
 from runtime.cuda_graphs import add_cuda_graph_flag
 from runtime.errors import run_cli
 from runtime.precision import add_precision_flags
+from variants import add_variant_flags
 
 parser = argparse.ArgumentParser(
     description="Att-DARTS architecture search on CIFAR (or an image folder).",
@@ -61,6 +64,7 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
 add_cuda_graph_flag(parser)
 searching.add_search_space_flags(parser)
 searching.add_collapse_flags(parser)
+add_variant_flags(parser)
 add_precision_flags(parser, channels_last_default="auto")
 
 

@@ -10,7 +10,7 @@ from typing import List, Sequence, Tuple
 
 import graphviz
 
-from genotypes import NAMED_GENOTYPES, Genotype, load_genotype
+from genotypes import NAMED_GENOTYPES, Genotype, edge_nodes, load_genotype
 from runtime.errors import UserError, run_cli
 
 parser = argparse.ArgumentParser(
@@ -68,7 +68,9 @@ def cell_graph(edges: Sequence[Sequence], concat: Sequence[int], bottleneck: str
     """The Graphviz graph of one cell: inputs, intermediate nodes 0..n-1 and output c_{k}.
 
     ``edges`` holds two ``(op, input_index[, attention])`` entries per node; pairs (the cells
-    published without attention) are drawn like triples with no attention."""
+    published without attention) are drawn like triples with no attention.  A threshold
+    cell's edges name their node (``(op, input, attention, node)``): only the nodes that
+    kept an edge are drawn."""
     graph = graphviz.Digraph(
         format="pdf",
         engine="dot",
@@ -79,15 +81,15 @@ def cell_graph(edges: Sequence[Sequence], concat: Sequence[int], bottleneck: str
     )
     for name in INPUT_NODES:
         graph.node(name, fillcolor="darkseagreen2")
-    num_nodes = len(edges) // 2
-    for node in range(num_nodes):
-        graph.node(str(node), fillcolor="lightblue")
+    nodes = edge_nodes(edges)
+    for node in sorted(set(nodes)):
+        graph.node(_state_node(node), fillcolor="lightblue")
 
-    for position, edge in enumerate(edges):
+    for edge, node in zip(edges, nodes):
         op, index = edge[0], int(edge[1])
         attention = edge[2] if len(edge) > 2 else ""
         label = f"{op} {attention}" if attention else op
-        graph.edge(_state_node(index), str(position // 2), label=label)
+        graph.edge(_state_node(index), _state_node(node), label=label)
 
     graph.node(OUTPUT_NODE, fillcolor="palegoldenrod")
     if bottleneck:

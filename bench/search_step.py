@@ -5,6 +5,8 @@
     python bench/search_step.py --count_only --batch 2   # ATen ops per iteration, both
     python bench/search_step.py --device cuda --batch 64 --also=--amp   # fp32 and bf16 rows
     python bench/search_step.py --profile        # top ops of one second-order iteration
+    python bench/search_step.py --batch 16 --orders 1 --no-original \
+        --also='--perturb_alpha adversarial'     # what a collapse fix adds (variants.py's flags)
 
 One iteration is what train_search.py does per batch (``searching.search_step``):
 the architecture step (first order: grad_A L_val; second order: virtual step and
@@ -39,6 +41,8 @@ from bench.side_by_side import (COUNT_BATCH, add_side_by_side_flags, count_origi
                                 figure, find_baseline, machine, median_seconds, original,
                                 peak_rss_mb, project, ratio, run_one)
 from runtime.cuda_graphs import add_cuda_graph_flag  # noqa: E402
+from variants import EARLIER_FLAGS as PLAIN_FIXES  # noqa: E402
+from variants import add_variant_flags  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -60,6 +64,7 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
 parser.add_argument("--amp", action="store_true", help="bfloat16 autocast of the weight step (as --amp)")
 add_cuda_graph_flag(parser)
 add_side_by_side_flags(parser)
+add_variant_flags(parser)  # train_search.py's collapse fixes (variants.py)
 parser.add_argument("--also", action="append", default=[], metavar="FLAGS",
                     help="one more project row per configuration, with these flags added, e.g. "
                          "--also='--amp' or --also='--recompute --orders 2' (repeatable)")
@@ -82,16 +87,22 @@ def build(config: Dict, device_name: str, batch: int, graphs: bool) -> Step:
     from model_search import Network
     from runtime.precision import Precision, memory_format
     from runtime.searching import search_step
+    from variants import Variant
 
     torch.manual_seed(0)
     device = torch.device(device_name)
     fmt = memory_format(config["channels_last"])
+    fixes = argparse.Namespace(**config["fixes"], epochs=2)
     network = Network(config["init_ch"], 10, config["layers"], nn.CrossEntropyLoss(),
-                      config["location"], recompute=config["recompute"]).to(device, memory_format=fmt)
+                      config["location"], recompute=config["recompute"],
+                      relaxation=fixes.relaxation, aux_skip=fixes.aux_skip
+                      ).to(device, memory_format=fmt)
     optimizer = torch.optim.SGD(network.weights(), LR, momentum=0.9, weight_decay=3e-4, foreach=True)
     precision = Precision(config["amp"], "bfloat16", device)
+    variant = Variant(fixes, network)
+    variant.start_epoch(1)  # every schedule away from zero
     architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=config["order"] == 2,
-                          capturable=graphs)
+                          capturable=graphs, variant=variant)
 
     def images() -> Tuple[torch.Tensor, torch.Tensor]:
         return (torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt),
@@ -164,15 +175,18 @@ def resolved(args: argparse.Namespace) -> Dict:
             "channels_last": resolve_channels_last(args.channels_last, device),
             "recompute": resolve_recompute(args.recompute, device)[0],
             "cuda_graphs": use_cuda_graphs(args.cuda_graphs, device)[0],
-            "time": not args.count_only, "count": args.count or args.count_only}
+            "time": not args.count_only, "count": args.count or args.count_only,
+            "fixes": {flag: getattr(args, flag) for flag in PLAIN_FIXES}}
 
 
 def describe(config: Dict) -> str:
+    from variants import describe as describe_fixes
     return ", ".join([
         "channels-last" if config["channels_last"] else "contiguous",
         "recomputation" if config["recompute"] else "no recomputation",
         "CUDA graphs" if config["cuda_graphs"] else "eager",
-        "bf16 autocast" if config["amp"] else "fp32"])
+        "bf16 autocast" if config["amp"] else "fp32",
+        describe_fixes(argparse.Namespace(**config["fixes"]))])
 
 
 def variants(args: argparse.Namespace) -> List[Tuple[str, argparse.Namespace]]:

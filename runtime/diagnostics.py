@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from genotypes import ATTN_PRIMITIVES, Genotype
+from genotypes import ATTN_PRIMITIVES, Genotype, edge_nodes
 from model_search import EDGE_WEIGHTS, Network, node_sizes
 
 PARAMETER_FREE = ("skip_connect", "max_pool_3x3", "avg_pool_3x3")
@@ -54,13 +54,12 @@ def entropy_summary(network: Network) -> Dict[str, Dict[str, float]]:
 
 def count_operations(edges: Sequence[Edge], names: Sequence[str]) -> int:
     """Edges whose operation (first element) is one of ``names``."""
-    return sum(op in names for op, _, _ in edges)
+    return sum(edge[0] in names for edge in edges)
 
 
 def attention_counts(edges: Sequence[Edge], attentions: Sequence[str]) -> Dict[str, int]:
     """How many edges chose each of ``attentions`` (as operation or as attention)."""
-    chosen = Counter(name for op, _, attention in edges for name in (op, attention)
-                     if name in attentions)
+    chosen = Counter(name for edge in edges for name in (edge[0], edge[2]) if name in attentions)
     return {name: chosen[name] for name in attentions}
 
 
@@ -72,15 +71,24 @@ def edge_attentions(network: Network) -> List[str]:
     return [name for name in ATTN_PRIMITIVES if name in candidates]
 
 
+def edges_by_node(edges: Sequence[Sequence]) -> Dict[int, Counter]:
+    """A cell's edges as a multiset of (op, input, attention) per node."""
+    nodes: Dict[int, Counter] = {}
+    for edge, node in zip(edges, edge_nodes(edges)):
+        nodes.setdefault(node, Counter())[tuple(edge[:3])] += 1
+    return nodes
+
+
 def changed_edges(genotype: Genotype, previous: Genotype) -> int:
-    """Edges that differ between two genotypes, compared node by node (a node's two
-    edges as a multiset), plus one per bottleneck that differs."""
+    """Edges that differ between two genotypes, compared node by node (a node's
+    edges as a multiset; a node that kept more edges than before counts the extra
+    ones), plus one per bottleneck that differs."""
     changed = 0
     for cell in CELLS:
-        now, before = getattr(genotype, cell), getattr(previous, cell)
-        for node in range(0, max(len(now), len(before)), 2):
-            kept = Counter(map(tuple, now[node:node + 2])) & Counter(map(tuple, before[node:node + 2]))
-            changed += len(now[node:node + 2]) - sum(kept.values())
+        now, before = edges_by_node(getattr(genotype, cell)), edges_by_node(getattr(previous, cell))
+        for node in now.keys() | before.keys():
+            a, b = now.get(node, Counter()), before.get(node, Counter())
+            changed += max(sum(a.values()), sum(b.values())) - sum((a & b).values())
         changed += getattr(genotype, f"{cell}_bottleneck") != getattr(previous, f"{cell}_bottleneck")
     return changed
 

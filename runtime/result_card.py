@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,12 @@ def draw(genotype_path: str, directory: str) -> List[str]:
             if os.path.isfile(line)]
 
 
+def search_variant(settings: Mapping[str, Any]) -> str:
+    """The collapse fixes the searches ran with (``--search_args``), in words."""
+    from variants import describe_command_line
+    return describe_command_line(shlex.split(settings.get("search_args", "")))
+
+
 def jobs_by_seed(jobs: Mapping[str, Any], stage: str) -> List[Tuple[str, int]]:
     """The (name, seed) of ``stage``'s jobs (named ``<stage>-seed<seed>``), by seed."""
     prefix = f"{stage}-seed"
@@ -124,7 +131,7 @@ class Card:
         devices = sorted({d for entry in jobs.values() for d in entry.get("devices") or []})
         return {
             "command": self.state.get("command", ""), "settings": dict(self.settings),
-            "searches": searches,
+            "search_variant": search_variant(self.settings), "searches": searches,
             "selected": self.selected_cell(self.state["selected"]) if self.state.get("selected") else None,
             "finals": finals, "test_error": mean_std(errors) if errors else None,
             "hours": stage_hours(jobs),
@@ -167,7 +174,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     """RESULTS.md: the tables of ``summary``, stages not yet run shown as '…'."""
     settings = summary["settings"]
     lines = [f"# Reproduction: {settings['dataset'].upper()}", "",
-             f"Command: `{summary['command']}`", "", "## Result", "",
+             f"Command: `{summary['command']}`", "",
+             f"Search: {summary['search_variant']}", "", "## Result", "",
              "| | test error (%) | params (M) |", "|:--|:--:|:--:|"]
     selected, error = summary["selected"], summary["test_error"]
     lines.append(f"| this pipeline ({error['n'] if error else 0} runs) | "

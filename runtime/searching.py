@@ -6,7 +6,10 @@ Each iteration (``search_step``): one Adam step on the architecture parameters A
 (first order: grad_A L_val(w, A); second order: through one virtual SGD step of the
 weights, see architect.py) on a batch of the architecture half, then one SGD step on
 the weights w (momentum, weight decay, gradient-norm clipping, cosine learning rate)
-on a batch of the weight half.
+on a batch of the weight half.  The collapse fixes (variants.py, ``--beta_decay``,
+``--aux_skip``, ``--relaxation``, ``--perturb_alpha``) hook in through the architect:
+a penalty on the architecture loss, SDARTS's perturbed architecture for the weight
+step, and their per-epoch schedules (``Variant.start_epoch``).
 
 A search writes, in its run directory: log.txt, genotype.json (every epoch),
 arch_history.jsonl (softmaxed A, metrics and diagnostics per epoch, for plot_search.py),
@@ -17,6 +20,7 @@ validation loss's Hessian in architecture space (curvature.py), and it may stop
 early on either (--early_stop, early_stop.py).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -47,6 +51,9 @@ from runtime.history import record_epoch
 from runtime.metrics import Metrics, heatmap_image
 from runtime.parallel import Runtime
 from runtime.precision import Precision, memory_format, resolve_channels_last
+from variants import EARLIER_FLAGS as VARIANT_FLAGS
+from variants import Variant, check_variant_flags
+from variants import describe as describe_variant
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 # Set to 1: each process prints a hash of the architecture after every search step.
@@ -58,9 +65,13 @@ def search_step(model: nn.Module, architect: Architect, optimizer: torch.optim.O
                 grad_clip: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """One search iteration: the architecture step on ``valid`` (``lr``: the weights'
     current learning rate, for the second order's virtual step), then the weight step
-    on ``train``.  Returns the weight step's (loss, logits), still on the device."""
+    on ``train`` (on SDARTS's perturbed architecture with ``--perturb_alpha``).  Returns
+    the weight step's (loss, logits), still on the device."""
     architect.step(*train, *valid, lr)
-    return supernet_weight_step(model, architect.network, optimizer, precision, train, grad_clip)
+    variant = architect.variant
+    with variant.perturbed(*train) if variant is not None else contextlib.nullcontext():
+        return supernet_weight_step(model, architect.network, optimizer, precision, train,
+                                    grad_clip)
 
 
 def supernet_weight_step(model: nn.Module, network: Network, optimizer: torch.optim.Optimizer,
@@ -259,6 +270,7 @@ def search(args: argparse.Namespace) -> None:
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     check_search_space_flags(args)
+    check_variant_flags(args)
     early_stop = early_stop_rule(args)
     runtime = parallel.setup()
     try:
@@ -359,13 +371,14 @@ def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Run
     precision = Precision(args.amp, args.amp_dtype, runtime.device)
     network = Network(args.init_ch, halves.num_classes, args.layers, nn.CrossEntropyLoss(),
                       location, recompute=args.recompute, partial_channels=args.partial_channels,
-                      edge_norm=args.edge_norm)
+                      edge_norm=args.edge_norm, relaxation=args.relaxation,
+                      op_threshold=args.op_threshold, aux_skip=args.aux_skip)
     network.to(runtime.device, memory_format=memory_format(args.channels_last))
     model = parallel.wrap(network, runtime, ignore=list(network.named_arch_parameters()))
     optimizer = torch.optim.SGD(network.weights(), args.lr, momentum=args.momentum,
                                 weight_decay=args.wd, foreach=True)
     architect = Architect(model, optimizer, args.arch_lr, args.arch_wd, args.unrolled,
-                          capturable=args.cuda_graphs)
+                          capturable=args.cuda_graphs, variant=Variant(args, network))
     # The same images every time the eigenvalue is measured, after a resume too.
     hessian_batches = (curvature.fixed_subset(halves.arch_half, halves.hessian_images,
                                               args.batchsz, runtime, args.channels_last)
@@ -386,7 +399,7 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
         halves.arch_batches.load_state_dict(state["arch_batches"])
         restore(state, path, network, net.optimizers, net.precision, runtime, args.seed)
         log(f"resuming {run_dir} after epoch {state['epoch']}/{args.epochs}; {net.precision!r}; "
-            f"{modes}")
+            f"{modes}; collapse fixes: {describe_variant(args)}")
         summaries = list(state.get("epoch_summaries", []))
         stopped = state.get("early_stop")
         final = kept_genotype(summaries, stopped["kept_epoch"]) if stopped else network.genotype()
@@ -402,6 +415,7 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
         f"{'recomputed in backward' if args.recompute else 'kept for backward'}, "
         f"{'second' if args.unrolled else 'first'} order")
     log(f"partial channels: {describe_partial_channels(args)}")
+    log(f"collapse fixes: {describe_variant(args)}")
     log(modes)
     if args.hessian_every:
         log(f"hessian: dominant eigenvalue of the validation loss's Hessian in architecture "
@@ -426,7 +440,7 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
     path = checkpoint_file(args.checkpoint_path) if args.checkpoint_path else None
     state = load_checkpoint(path, args, "search", ("weight_optimizer", "arch_optimizer",
                                                    "arch_batches"),
-                            earlier=EARLIER_FLAGS) if path else None
+                            earlier={**EARLIER_FLAGS, **VARIANT_FLAGS}) if path else None
     # Same seed on every process: identical initial weights and architecture.
     set_seed(args.seed)
     if runtime.device.type == "cuda":
@@ -476,6 +490,9 @@ def train_and_validate(net: Supernet, halves: SearchData, scheduler: LRScheduler
     lr = scheduler.get_last_lr()[0]
     halves.train_loader.sampler.set_epoch(epoch)
     frozen = epoch < args.arch_warmup_epochs
+    schedule = net.architect.variant.start_epoch(epoch)
+    if schedule:
+        log(f"epoch {epoch + 1}/{args.epochs} collapse fixes: {schedule}")
     train_loss, train_acc = search_epoch(net.model, net.architect, net.optimizer,
                                          halves.train_loader, halves.arch_batches, lr,
                                          net.precision, runtime, args, log,
@@ -514,7 +531,8 @@ def log_epoch(log: RunLog, result: Dict[str, Any], speed: str, genotype: Genotyp
     for name, weights in arch.items():
         rounded = [[round(w, 4) for w in row] if isinstance(row, list) else round(row, 4)
                    for row in weights]
-        log(f"{name} (softmax) {json.dumps(rounded)}")
+        sigmoid = args.relaxation == "sigmoid" and not name.startswith(EDGE_WEIGHTS)
+        log(f"{name} ({'sigmoid' if sigmoid else 'softmax'}) {json.dumps(rounded)}")
     for line in describe(stats, f"epoch {epoch}" if epoch else "the initial architecture"):
         log(line)
 
