@@ -15,7 +15,7 @@ is averaged over processes and the new A is broadcast from rank 0, so all ranks
 hold bit-identical A.
 The step runs in float32 whatever ``--amp`` says (see ``_loss``), and the second
 order's passes in IEEE float32 on CUDA, not TF32 (``precision.exact_float32``).
-A ``variant`` (variants.py) adds the gradient of its penalty on A (beta-DARTS's
+A ``variant`` (runtime/collapse_fixes.py) adds the gradient of its penalty on A (beta-DARTS's
 Beta-Decay, FairDARTS's zero-one loss) to either order's gradient.
 """
 from typing import Dict, List, Optional, Tuple
@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 
 from model_search import Network
+from runtime.collapse_fixes import Variant
 from runtime.parallel import all_reduce_mean_, broadcast_, unwrap
 from runtime.precision import exact_float32
 from runtime.recompute import batch_norms, batch_statistics_only
-from variants import Variant
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -39,7 +39,7 @@ class Architect:
         """``model``: the supernet, bare or wrapped in DataParallel/DDP.  ``capturable``:
         Adam keeps its step count on the device, so that a CUDA graph can hold the step
         (CUDA only; on the CPU the count is a host number anyway).  ``variant``: the
-        collapse fixes of the search (variants.py), if any."""
+        collapse fixes of the search (runtime/collapse_fixes.py), if any."""
         # functional_call needs the bare network: PyTorch refuses it on DataParallel,
         # and DDP's forward would synchronise buffers.  Under torchrun each process
         # runs this step on its own shard and the gradients are averaged here; with

@@ -403,7 +403,7 @@ class Network(nn.Module):
     edge weights ``edge_weights_normal``/``edge_weights_reduce`` (one per edge; a node
     sums its incoming edges weighted by their softmax over that node's edges).
 
-    The published fixes of collapse (variants.py drives them): ``relaxation="sigmoid"``
+    The published fixes of collapse (runtime/collapse_fixes.py drives them): ``relaxation="sigmoid"``
     weighs every candidate by its own sigmoid instead of the row's softmax and derives
     the cell by FairDARTS's threshold (``op_threshold``); ``aux_skip=True`` adds DARTS-'s
     auxiliary skip connection to every edge's operations, weighted by the buffer

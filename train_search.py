@@ -6,7 +6,7 @@
     python train_search.py --partial_channels 4 --batchsz 256 --lr 0.1 --lr_min 0 \
         --arch_lr 6e-4 --arch_warmup_epochs 15   # PC-DARTS's search settings
     python train_search.py --beta_decay 50 --aux_skip --perturb_alpha random
-                                                 # collapse fixes (variants.py), combined
+                                                 # collapse fixes (runtime/collapse_fixes.py), combined
 
 Writes, in a new directory under --exp_path: log.txt, genotype.json (every epoch),
 arch_history.jsonl (softmaxed alpha/beta/gamma, metrics and diagnostics per epoch, for
@@ -17,10 +17,10 @@ import argparse
 
 from model_search import AttLocation
 from runtime import searching
+from runtime.collapse_fixes import add_variant_flags
 from runtime.cuda_graphs import add_cuda_graph_flag
 from runtime.errors import run_cli
 from runtime.precision import add_precision_flags
-from variants import add_variant_flags
 
 parser = argparse.ArgumentParser(
     description="Att-DARTS architecture search on CIFAR (or an image folder).",

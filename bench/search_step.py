@@ -6,7 +6,7 @@
     python bench/search_step.py --device cuda --batch 64 --also=--amp   # fp32 and bf16 rows
     python bench/search_step.py --profile        # top ops of one second-order iteration
     python bench/search_step.py --batch 16 --orders 1 --no-original \
-        --also='--perturb_alpha adversarial'     # what a collapse fix adds (variants.py's flags)
+        --also='--perturb_alpha adversarial'     # what a collapse fix adds (its flags)
 
 One iteration is what train_search.py does per batch (``searching.search_step``):
 the architecture step (first order: grad_A L_val; second order: virtual step and
@@ -40,9 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.side_by_side import (COUNT_BATCH, add_side_by_side_flags, count_original,  # noqa: E402
                                 figure, find_baseline, machine, median_seconds, original,
                                 peak_rss_mb, project, ratio, run_one)
+from runtime.collapse_fixes import EARLIER_FLAGS as PLAIN_FIXES  # noqa: E402
+from runtime.collapse_fixes import add_variant_flags  # noqa: E402
 from runtime.cuda_graphs import add_cuda_graph_flag  # noqa: E402
-from variants import EARLIER_FLAGS as PLAIN_FIXES  # noqa: E402
-from variants import add_variant_flags  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -64,7 +64,7 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
 parser.add_argument("--amp", action="store_true", help="bfloat16 autocast of the weight step (as --amp)")
 add_cuda_graph_flag(parser)
 add_side_by_side_flags(parser)
-add_variant_flags(parser)  # train_search.py's collapse fixes (variants.py)
+add_variant_flags(parser)  # train_search.py's collapse fixes (runtime/collapse_fixes.py)
 parser.add_argument("--also", action="append", default=[], metavar="FLAGS",
                     help="one more project row per configuration, with these flags added, e.g. "
                          "--also='--amp' or --also='--recompute --orders 2' (repeatable)")
@@ -82,12 +82,13 @@ def build(config: Dict, device_name: str, batch: int, graphs: bool) -> Step:
     batches, wrapped in a StepGraph (eager unless ``graphs``)."""
     import torch
     import torch.nn as nn
+
     from architect import Architect
-    from runtime.cuda_graphs import StepGraph
     from model_search import Network
+    from runtime.collapse_fixes import Variant
+    from runtime.cuda_graphs import StepGraph
     from runtime.precision import Precision, memory_format
     from runtime.searching import search_step
-    from variants import Variant
 
     torch.manual_seed(0)
     device = torch.device(device_name)
@@ -165,6 +166,7 @@ def profile_iteration(config: Dict) -> None:
 def resolved(args: argparse.Namespace) -> Dict:
     """The configuration's flags as train_search.py resolves them on ``--device``."""
     import torch
+
     from runtime.cuda_graphs import use_cuda_graphs
     from runtime.precision import resolve_channels_last
     from runtime.searching import resolve_recompute
@@ -180,7 +182,7 @@ def resolved(args: argparse.Namespace) -> Dict:
 
 
 def describe(config: Dict) -> str:
-    from variants import describe as describe_fixes
+    from runtime.collapse_fixes import describe as describe_fixes
     return ", ".join([
         "channels-last" if config["channels_last"] else "contiguous",
         "recomputation" if config["recompute"] else "no recomputation",

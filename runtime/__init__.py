@@ -7,7 +7,7 @@ genotypes, model_search, model, architect) live at the repository root, next to
 the scripts.  Inside this package, the run mechanics (atomic, errors, parallel,
 precision, cuda_graphs, dispatch, recompute, data, experiment, metrics, history,
 figures, complexity, early_stop) know no network class; the loops (searching,
-training) and what they measure of a supernet (curvature, diagnostics) build on
-the root's networks.  reproduce.py's pipeline (pipeline, launchers, result_card)
+training), what they measure of a supernet (curvature, diagnostics) and the
+published fixes of a collapsing search (collapse_fixes) build on the root's networks.  reproduce.py's pipeline (pipeline, launchers, result_card)
 runs the scripts as subprocess jobs.  Nothing here imports a script.
 """

@@ -81,7 +81,7 @@ def draw(genotype_path: str, directory: str) -> List[str]:
 
 def search_variant(settings: Mapping[str, Any]) -> str:
     """The collapse fixes the searches ran with (``--search_args``), in words."""
-    from variants import describe_command_line
+    from runtime.collapse_fixes import describe_command_line
     return describe_command_line(shlex.split(settings.get("search_args", "")))
 
 

@@ -6,7 +6,7 @@ Each iteration (``search_step``): one Adam step on the architecture parameters A
 (first order: grad_A L_val(w, A); second order: through one virtual SGD step of the
 weights, see architect.py) on a batch of the architecture half, then one SGD step on
 the weights w (momentum, weight decay, gradient-norm clipping, cosine learning rate)
-on a batch of the weight half.  The collapse fixes (variants.py, ``--beta_decay``,
+on a batch of the weight half.  The collapse fixes (runtime/collapse_fixes.py, ``--beta_decay``,
 ``--aux_skip``, ``--relaxation``, ``--perturb_alpha``) hook in through the architect:
 a penalty on the architecture loss, SDARTS's perturbed architecture for the weight
 step, and their per-epoch schedules (``Variant.start_epoch``).
@@ -38,6 +38,9 @@ from architect import Architect
 from genotypes import Genotype, genotype_from_dict, genotype_to_dict, save_genotype
 from model_search import EDGE_WEIGHTS, AttLocation, Network, check_partial_channels, node_sizes
 from runtime import curvature, data, parallel
+from runtime.collapse_fixes import EARLIER_FLAGS as VARIANT_FLAGS
+from runtime.collapse_fixes import Variant, check_variant_flags
+from runtime.collapse_fixes import describe as describe_variant
 from runtime.complexity import count_parameters
 from runtime.cuda_graphs import StepGraph, run_graphs, use_cuda_graphs
 from runtime.diagnostics import describe, epoch_diagnostics, scalars
@@ -51,9 +54,6 @@ from runtime.history import record_epoch
 from runtime.metrics import Metrics, heatmap_image
 from runtime.parallel import Runtime
 from runtime.precision import Precision, memory_format, resolve_channels_last
-from variants import EARLIER_FLAGS as VARIANT_FLAGS
-from variants import Variant, check_variant_flags
-from variants import describe as describe_variant
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 # Set to 1: each process prints a hash of the architecture after every search step.

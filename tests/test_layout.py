@@ -14,7 +14,6 @@ SCRIPTS = {"train_search.py", "train_CIFAR10.py", "train_CIFAR100.py", "train_Im
            "plot_search.py", "cost.py", "reproduce.py"}
 SEARCH_SPACE = {"operations.py", "attentions.py", "genotypes.py", "model_search.py", "model.py",
                 "architect.py"}
-SEARCH_SPACE |= {"variants.py"}  # the collapse fixes, beside the architecture step
 NETWORKS = {"model", "model_search", "architect"}
 # The run mechanics: checkpoints and run directory, devices, precision, graphs, metrics.
 MECHANICS = {"atomic", "errors", "parallel", "precision", "cuda_graphs", "dispatch", "recompute",

@@ -1,4 +1,4 @@
-"""train_search.py end to end with the collapse fixes (variants.py), on the tiny image
+"""train_search.py end to end with the collapse fixes (runtime/collapse_fixes.py), on the tiny image
 folder of test_search_script.py (3 iterations per epoch and process): a search with
 beta-DARTS, DARTS- and SDARTS-RS at once resumes bit for bit at the right epoch of
 their schedules; FairDARTS composes with PC-DARTS and the second order and writes a
@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 import torch
-from test_search_script import (DIGEST, STEPS, TRACE, _assert_finite, _assert_same_arch,  # noqa: F401
-                                _checkpoint, _ok, _traced_steps, folder, search_flags)
+from test_search_script import (DIGEST, STEPS, TRACE, _assert_finite,  # noqa: F401
+                                _assert_same_arch, _checkpoint, _ok, _traced_steps, folder,
+                                search_flags)
 from test_training import _kill_after_first_checkpoint
 from training_helpers import (REPO, command, only_run_dir, run_parallel, run_script, script_env,
                               torchrun_command)

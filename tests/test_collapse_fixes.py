@@ -1,4 +1,4 @@
-"""The collapse fixes' flags and plumbing (their computations: test_variants_reference.py):
+"""The collapse fixes' flags and plumbing (their computations: test_collapse_fixes_reference.py):
 bad values and combinations are one line before any work, a checkpoint of other fixes
 is refused, the result card names them, their search steps never wait for the device,
 and a threshold cell (fewer than two edges per node) is read, built, drawn and costed."""
@@ -10,13 +10,12 @@ import torch
 import torch.nn as nn
 
 import train_search
-import variants
 import visualize
 from architect import Architect
 from genotypes import genotype_from_dict, load_genotype, save_genotype
 from model import NetworkCIFAR
 from model_search import Network
-from runtime import result_card, searching
+from runtime import collapse_fixes, pipeline, result_card, searching
 from runtime.complexity import count_macs
 from runtime.dispatch import HostSyncGuard
 from runtime.errors import UserError
@@ -62,11 +61,11 @@ def test_unknown_choices_are_refused_by_the_parser(capsys):
 
 def test_a_checkpoint_of_other_fixes_is_refused_older_ones_count_as_none(tmp_path):
     base = vars(train_search.parser.parse_args([]))
-    older = {k: v for k, v in base.items() if k not in variants.EARLIER_FLAGS}
+    older = {k: v for k, v in base.items() if k not in collapse_fixes.EARLIER_FLAGS}
     path = tmp_path / "checkpoint.pt"
     keys = ("state_dict", "scaler", "epoch", "rng", "args", "genotype", "weight_optimizer",
             "arch_optimizer", "arch_batches")
-    earlier = {**EARLIER_FLAGS, **variants.EARLIER_FLAGS}
+    earlier = {**EARLIER_FLAGS, **collapse_fixes.EARLIER_FLAGS}
     torch.save({**{key: {} for key in keys}, "args": older}, path)
     same = argparse.Namespace(**base)
     load_checkpoint(str(path), same, "search", keys[6:], earlier=earlier)  # no fixes: resumes
@@ -82,18 +81,18 @@ def test_a_checkpoint_of_other_fixes_is_refused_older_ones_count_as_none(tmp_pat
 
 
 def test_the_result_card_and_the_log_name_the_fixes(tmp_path):
-    card = result_card.Card(str(tmp_path), {"dataset": "cifar10",
-                                            "search_args": "--beta_decay 50 --aux_skip "
-                                                           "--perturb_alpha random --seed 3"},
-                            {"settings": {}, "jobs": {}}, argparse.Namespace(data=str(tmp_path)))
+    settings = {**pipeline.PRESETS["tiny"], "dataset": "cifar10",
+                "search_args": "--beta_decay 50 --aux_skip --perturb_alpha random --seed 3"}
+    card = result_card.Card(str(tmp_path), settings, {"settings": {}, "jobs": {}},
+                            argparse.Namespace(data=str(tmp_path)))
     summary = card.write()
     expected = ("beta-DARTS (--beta_decay 50) + DARTS- (--aux_skip, linear decay) + "
                 "SDARTS-RS (--perturb_epsilon 0.3)")
     assert summary["search_variant"] == expected
     assert f"Search: {expected}" in (tmp_path / result_card.CARD_MD).read_text()
-    plain = variants.describe(train_search.parser.parse_args([]))
+    plain = collapse_fixes.describe(train_search.parser.parse_args([]))
     assert plain == "plain DARTS (no collapse fix)"
-    fair = variants.describe(train_search.parser.parse_args(
+    fair = collapse_fixes.describe(train_search.parser.parse_args(
         ["--relaxation", "sigmoid", "--zero_one_weight", "10"]))
     assert fair == "FairDARTS (sigmoid relaxation, --zero_one_weight 10, --op_threshold 0.85)"
 
@@ -110,7 +109,7 @@ def test_search_iterations_with_fixes_never_wait_for_the_device(one_thread, fixe
     network = Network(4, 10, 3, nn.CrossEntropyLoss(), "end", image_size=8,
                       relaxation=args.relaxation, aux_skip=args.aux_skip)
     optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=0.9, foreach=True)
-    variant = variants.Variant(args, network)
+    variant = collapse_fixes.Variant(args, network)
     variant.start_epoch(2)
     architect = Architect(network, optimizer, 3e-4, 1e-3, args.unrolled, variant=variant)
     precision = Precision(False, "bfloat16", torch.device("cpu"))

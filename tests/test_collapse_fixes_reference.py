@@ -1,4 +1,4 @@
-"""The collapse fixes (variants.py) compute what their authors' releases compute, in
+"""The collapse fixes (runtime/collapse_fixes.py) compute what their authors' releases compute, in
 float64 on the same inputs and weights: forward, losses, weight and architecture
 gradients and the derived cell, against each release's computation written out below
 as it writes it (one module per edge, DARTS's supernet with their changes):
@@ -27,13 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from reference_values import fill_seeded, fill_seeded_supernet
 
-import variants
 from architect import Architect
 from genotypes import PRIMITIVES, genotype_from_dict, genotype_to_dict
 from model import NetworkCIFAR
 from model_search import Network
 from operations import OPS, FactorizedReduce, Identity, ReLUConvBN
-from variants import Variant
+from runtime import collapse_fixes
+from runtime.collapse_fixes import Variant
 
 C, LAYERS, SIZE, BATCH, STEPS = 4, 3, 8, 4, 4
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)
@@ -176,7 +176,7 @@ def make_pair(primitives: List[str], aux: bool = False, relaxation: str = "softm
 
 
 def flags(**overrides) -> argparse.Namespace:
-    values = dict(variants.EARLIER_FLAGS, epochs=50)
+    values = dict(collapse_fixes.EARLIER_FLAGS, epochs=50)
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -230,7 +230,7 @@ def test_beta_decay_takes_each_attention_family_as_the_alphas():
     rows = {name: value.reshape(-1, value.shape[-1]) for name, value in arch.items()}  # gammas: 1 row
     expected = sum(mlc_loss(torch.cat([rows[f"{family}_normal"], rows[f"{family}_reduce"]]))
                    for family in ("alphas", "betas", "gammas"))
-    torch.testing.assert_close(variants.beta_decay_loss(network, arch), expected, **TOLERANCE)
+    torch.testing.assert_close(collapse_fixes.beta_decay_loss(network, arch), expected, **TOLERANCE)
 
 
 @pytest.mark.slow
@@ -241,7 +241,7 @@ def test_beta_decay_is_added_to_the_second_order_gradient_too():
     ours = architect(network, variant, unrolled=True)
     grads = ours.architecture_gradient(*train, *valid, 0.1)
     arch = network.named_arch_parameters()
-    penalty = torch.autograd.grad(4.0 * variants.beta_decay_loss(network, arch), list(arch.values()))
+    penalty = torch.autograd.grad(4.0 * collapse_fixes.beta_decay_loss(network, arch), list(arch.values()))
     second = ours.second_order_gradient(*train, *valid, 0.1)
     for got, hyper, extra in zip(grads, second, penalty):
         torch.testing.assert_close(got, hyper + extra, **TOLERANCE)
@@ -259,10 +259,10 @@ def decay_rate(decay_type: str, epoch: int, T_max: int = 50, T_start: int = 0, T
     return base_lr
 
 
-@pytest.mark.parametrize("decay", variants.AUX_SKIP_DECAYS)
+@pytest.mark.parametrize("decay", collapse_fixes.AUX_SKIP_DECAYS)
 def test_aux_skip_schedule_is_darts_minus_decay_scheduler(decay):
     for epoch in range(50):
-        assert variants.aux_skip_rate(decay, epoch, 50) == decay_rate(decay, epoch)
+        assert collapse_fixes.aux_skip_rate(decay, epoch, 50) == decay_rate(decay, epoch)
 
 
 def test_aux_skip_forward_and_gradients_are_darts_minus():
@@ -481,8 +481,8 @@ def test_clip_rows_is_sdarts_clip():
     rows = torch.randn(20, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     rows[3] = -rows[3].abs()  # all negative: one-hot at its argmax
     rows[4] = rows[4].abs() + 1  # all above one
-    torch.testing.assert_close(variants.clip_rows(rows), sdarts_clip(rows.clone()), **TOLERANCE)
-    assert variants.clip_rows(rows)[3].max() == 1
+    torch.testing.assert_close(collapse_fixes.clip_rows(rows), sdarts_clip(rows.clone()), **TOLERANCE)
+    assert collapse_fixes.clip_rows(rows)[3].max() == 1
 
 
 def reference_random(reference, epsilon):
@@ -540,7 +540,7 @@ def _perturbed_weight_step(network, reference, perturbation, reference_perturbat
     x, y = batch
     variant = Variant(flags(perturb_alpha=perturbation, **kwargs), network)
     variant.start_epoch(epoch)
-    epsilon = variants.perturb_epsilon(0.3, epoch, 50)
+    epsilon = collapse_fixes.perturb_epsilon(0.3, epoch, 50)
     assert variant.epsilon == 0.03 + (0.3 - 0.03) * epoch / 50
     clean = [p.detach().clone() for p in network.arch_parameters()]
     torch.manual_seed(11)
@@ -583,7 +583,7 @@ def test_adversarial_perturbation_reverts_as_sdarts_when_the_loss_fell(monkeypat
     """With no PGD step (their optimizer's lr would divide by zero: the reference
     builds none) the random start alone decides: for some draws it lowers the loss,
     and SDARTS (and we) fall back to the clean weights."""
-    monkeypatch.setattr(variants, "PGD_STEPS", 0)
+    monkeypatch.setattr(collapse_fixes, "PGD_STEPS", 0)
     outcomes = set()
     for seed in range(6):
         network, reference, (batch, _) = make_pair(PRIMITIVES)
@@ -622,4 +622,4 @@ def test_the_architecture_step_sees_the_clean_architecture():
 
 def test_epsilon_schedule_is_sdarts():
     for epoch in range(50):
-        assert variants.perturb_epsilon(0.3, epoch, 50) == 0.03 + (0.3 - 0.03) * epoch / 50
+        assert collapse_fixes.perturb_epsilon(0.3, epoch, 50) == 0.03 + (0.3 - 0.03) * epoch / 50

@@ -1,5 +1,5 @@
 """The published fixes of DARTS's collapse, opt-in flags of train_search.py, each as
-its authors' release computes it (tests/test_variants_reference.py writes each
+its authors' release computes it (tests/test_collapse_fixes_reference.py writes each
 release's computation out and compares):
 
 - beta-DARTS (Ye et al., CVPR 2022), ``--beta_decay LAMBDA``: the architecture loss
