@@ -156,7 +156,10 @@ def markdown(summary: Mapping[str, Any]) -> str:
     """RESULTS.md: the tables of ``summary``, stages not yet run shown as '…'."""
     settings = summary["settings"]
     lines = [f"# Reproduction: {settings['dataset'].upper()}", "",
-             f"Command: `{summary['command']}`", "", "## Result", "",
+             f"Command: `{summary['command']}`", "",
+             f"Searched in operation space {settings.get('space') or 'darts'}, attention at "
+             f"location {settings.get('location') or 'after_every'} (train_search.py --space, "
+             f"--location).", "", "## Result", "",
              "| | test error (%) | params (M) |", "|:--|:--:|:--:|"]
     selected, error = summary["selected"], summary["test_error"]
     lines.append(f"| this pipeline ({error['n'] if error else 0} runs) | "
