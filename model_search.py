@@ -199,10 +199,10 @@ class MixedOp(nn.Module):
                 # out + w * y in one pass over memory
                 out = columns[k] * y if out is None else torch.addcmul(out, columns[k], y)
                 continue
-            y = y.unflatten(1, (len(where), -1))
+            contribution = weight * y.unflatten(1, (len(where), -1))
             if out is None:
-                out = y.new_zeros((y.shape[0], self.edges) + y.shape[2:])
-            out = out.index_add(1, where, weight * y)
+                out = contribution.new_zeros((y.shape[0], self.edges) + contribution.shape[2:])
+            out = out.index_add(1, where, contribution)
         return out
 
     def _blocks(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

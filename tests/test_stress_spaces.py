@@ -6,23 +6,28 @@ recomputation and in the Hessian, names in the history and heatmaps, the space i
 genotype file, and bad input (one line, before any work).  Tiny supernets (C=4, 3 cells,
 8x8 images)."""
 import argparse
+import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from training_helpers import (command, mini_cifar, only_run_dir, reported_accuracy, run_parallel,
+                              run_script)
 
 import genotypes
 import plot_search
 from genotypes import OPERATION_SPACES, genotype_from_dict, genotype_to_dict, space_operations
 from model import NetworkCIFAR
+from architect import Architect
 from model_search import Network
 from operations import Noise
 from runtime import curvature, pipeline, result_card, searching
-from runtime.dispatch import OpCounter
+from runtime.dispatch import HostSyncGuard, OpCounter
 from runtime.errors import UserError
 from runtime.experiment import load_checkpoint
 from runtime.metrics import heatmap_image
+from runtime.precision import Precision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,6 +86,23 @@ def test_edges_with_their_own_candidates_cost_fewer_ops_than_darts():
             network.loss(images, targets).backward()
         counts[space] = ops.total
     assert counts["s2"] < counts["s1"] < 0.5 * counts["darts"], counts
+
+
+@pytest.mark.parametrize("space", ["s1", "s4"])
+def test_search_iterations_never_wait_for_the_device(space):
+    """Gathers and index_adds of s1, the noise of s4 (recomputed cells, as on the CPU)."""
+    network = _network(space, recompute=True)
+    optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=0.9, foreach=True)
+    architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=False)
+    precision = Precision(False, "bfloat16", torch.device("cpu"))
+    batch = _batch()
+    searching.search_step(network, architect, optimizer, precision, batch, batch, 0.025, 5.0)
+    before = network.alphas_normal.detach().clone()
+    with HostSyncGuard([state["step"] for state in architect.optimizer.state.values()]):
+        for _ in range(3):
+            loss, _ = searching.search_step(network, architect, optimizer, precision, batch, batch,
+                                            0.025, 5.0)
+    assert torch.isfinite(loss) and not torch.equal(before, network.alphas_normal)
 
 
 # -- the noise op -------------------------------------------------------------------------------
@@ -238,3 +260,53 @@ def test_checkpoint_of_another_space_is_refused_in_one_line(tmp_path, saved, res
         load_checkpoint(str(path), args, "search", (), earlier=searching.EARLIER_FLAGS)
     assert refused in str(error.value) and "\n" not in str(error.value)
 
+
+
+# -- slow: a search in s4 end to end, its cell trained and tested -------------------------------
+
+@pytest.mark.slow
+def test_s4_search_then_its_cell_with_noise_trains_tests_draws_and_costs(cifar_mini, tmp_path):
+    """train_search.py --space s4 (3 iterations on 24 images), then the final network
+    of its genotype.json, noise ops included, trained for an epoch (5 iterations),
+    tested from its trained.pt, drawn and costed."""
+    data = mini_cifar(cifar_mini, tmp_path / "data", train=4, val=1)
+    search = run_script("train_search.py", "--data", str(data), "--exp_path", str(tmp_path / "search"),
+                        "--init_ch", "4", "--layers", "3", "--batchsz", "8", "--train_portion",
+                        "0.6", "--workers", "0", "--epochs", "1", "--space", "s4",
+                        env={"ATT_DARTS_TRACE_ARCH": "1"})
+    assert search.returncode == 0, search.stderr[-3000:]
+    assert search.stdout.count("architecture sha256") == 3
+    run = only_run_dir(tmp_path / "search")
+    genotype_path = str(run / "genotype.json")
+    genotype = genotypes.load_genotype(genotype_path)
+    assert genotype.space == "s4"
+    operations = {op for op, _, _ in genotype.normal + genotype.reduce}
+    assert operations == {"noise", "sep_conv_3x3"}, operations  # this seed keeps both
+    log = (run / "log.txt").read_text()
+    assert "operation space s4: every edge chooses from noise, sep_conv_3x3" in log
+    history = json.loads((run / "arch_history.jsonl").read_text())
+    assert history["candidates"]["alphas_normal"] == ["noise", "sep_conv_3x3"]
+
+    small = ["--data", str(data), "--arch_path", genotype_path, "--init_ch", "4", "--layers", "3",
+             "--batchsz", "8", "--workers", "0", "--auxiliary"]
+    results = run_parallel({
+        "train": command("train_CIFAR10.py", *small, "--epochs", "1", "--exp_path",
+                         str(tmp_path / "train")),
+        "draw": command("visualize.py", genotype_path, "--save_dir", str(tmp_path / "drawn"),
+                        "--without_view"),
+        "cost": command("cost.py", "--arch_path", genotype_path, "--init_ch", "4", "--layers", "3",
+                        "--batch", "2", "--repeats", "1")})
+    for name, result in results.items():
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    trained = only_run_dir(tmp_path / "train")
+    assert "space='s4'" in (trained / "log.txt").read_text()
+    assert genotypes.load_genotype(str(trained / "genotype.json")) == genotype
+    drawn = sorted((tmp_path / "drawn").iterdir())
+    assert [p.name.split(".")[0] for p in drawn] == ["genotype_normal", "genotype_reduction"]
+    if drawn[0].suffix == ".gv":  # without Graphviz's dot
+        assert "noise" in drawn[0].read_text()
+    assert "parameters" in results["cost"].stdout
+    tested = run_script("test_CIFAR10.py", *small, "--model_path", str(trained / "trained.pt"))
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    [(k, _, _, total)] = reported_accuracy(tested.stdout)[:1]
+    assert (k, total) == (1, 10)
