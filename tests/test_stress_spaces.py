@@ -4,7 +4,8 @@ Their computation against RobustDARTS's own is test_stress_spaces_reference.py; 
 edges with their own candidates batched per state (s1), the noise op under
 recomputation and in the Hessian, names in the history and heatmaps, the space in the
 genotype file, and bad input (one line, before any work).  Tiny supernets (C=4, 3 cells,
-8x8 images)."""
+8x8 images).  Slow: a search in s4 end to end, its cell (noise included) trained, tested,
+drawn and costed."""
 import argparse
 import json
 
@@ -75,23 +76,21 @@ def test_attentions_stay_beside_each_edges_own_operations(location, columns):
 
 
 def test_edges_with_their_own_candidates_cost_fewer_ops_than_darts():
-    """s1 builds each distinct candidate of a state once, for its edges only: a step
+    """s1 builds each distinct candidate of a state once, for its edges only: a forward
     dispatches fewer ATen ops than DARTS's 7 built candidates per state."""
     counts = {}
-    images, targets = _batch()
+    images, _ = _batch()
     for space in ("darts", "s1", "s2"):
         network = _network(space).train()
-        network.loss(images, targets).backward()
         with OpCounter() as ops:
-            network.loss(images, targets).backward()
+            network(images)
         counts[space] = ops.total
-    assert counts["s2"] < counts["s1"] < 0.5 * counts["darts"], counts
+    assert counts["s2"] < counts["s1"] < 0.6 * counts["darts"], counts
 
 
-@pytest.mark.parametrize("space", ["s1", "s4"])
-def test_search_iterations_never_wait_for_the_device(space):
-    """Gathers and index_adds of s1, the noise of s4 (recomputed cells, as on the CPU)."""
-    network = _network(space, recompute=True)
+def test_search_iterations_never_wait_for_the_device():
+    """s1's gathers and index_adds, recomputed cells as on the CPU."""
+    network = _network("s1", recompute=True)
     optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=0.9, foreach=True)
     architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=False)
     precision = Precision(False, "bfloat16", torch.device("cpu"))
@@ -181,10 +180,10 @@ def test_plot_search_draws_per_edge_names_and_refuses_misfits(tmp_path):
     record = {"epoch": 1, "arch": network.softmaxed_arch(),
               "candidates": searching.candidate_names(network)}
     history = [record, {**record, "epoch": 2}]
-    params = plot_search.collect_params(history)
-    assert params["alphas_normal"][1][5] == ["max_pool_3x3", "skip_connect"]
-    written = plot_search.plot_history(history, str(tmp_path))
-    assert (tmp_path / "alphas_reduce.png").stat().st_size > 0 and len(written) == 3
+    values, names = plot_search.collect_params(history)["alphas_reduce"]
+    assert names[5] == ["max_pool_3x3", "avg_pool_3x3"] and values.shape == (2, 14, 2)
+    plot_search.plot_edges(values, names, [1, 2], "alphas_reduce", str(tmp_path / "a.png"))
+    assert (tmp_path / "a.png").stat().st_size > 0
     bad = {**record, "candidates": {"alphas_normal": [["a", "b"]] * 13}}
     with pytest.raises(UserError, match="candidates.alphas_normal does not list 2 names"):
         plot_search.collect_params([bad])
