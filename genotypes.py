@@ -6,6 +6,8 @@ triples ``(op, input_index, attention)``.  ``op`` is a name from ``PRIMITIVES``
 from ``ATTN_PRIMITIVES`` or ``''`` when the edge has none.  Input 0 and 1 are the
 cell's two inputs, input ``k >= 2`` is intermediate node ``k - 2``.  The
 bottlenecks are cell-end attentions applied after the concatenation (``''``: none).
+``space`` names the operation space it was searched in (``OPERATION_SPACES``,
+train_search.py's ``--space``): a record, the final network does not depend on it.
 
 A cell derived by FairDARTS's threshold (``--relaxation sigmoid``) may keep fewer
 edges: each of its edges names the node it leads to as a fourth element,
@@ -25,11 +27,11 @@ from runtime.errors import UserError
 
 Genotype = namedtuple(
     "Genotype",
-    "normal normal_concat reduce reduce_concat normal_bottleneck reduce_bottleneck",
+    "normal normal_concat reduce reduce_concat normal_bottleneck reduce_bottleneck space",
 )
 # The cells published with DARTS have no attention: pairs get '' as third element
-# and the bottlenecks default to ''.
-Genotype.__new__.__defaults__ = ("", "")
+# and the bottlenecks default to ''; they come from DARTS's operations.
+Genotype.__new__.__defaults__ = ("", "", "darts")
 
 # Order matters: it fixes the columns of the architecture parameters.
 PRIMITIVES = [
@@ -53,8 +55,62 @@ ATTN_PRIMITIVES = [
 ]
 
 # Every operation a final cell may use (operations.OPS builds each one): the search
-# primitives plus the two that only NASNet and AmoebaNet use.
-OPERATIONS = PRIMITIVES + ["sep_conv_7x7", "conv_7x1_1x7"]
+# primitives, the two that only NASNet and AmoebaNet use, and RobustDARTS's noise.
+OPERATIONS = PRIMITIVES + ["sep_conv_7x7", "conv_7x1_1x7", "noise"]
+
+# The operation spaces of the search (train_search.py --space): the candidate operations
+# of every edge, edges numbered node by node (node i's edge from state j is edge
+# 2i + i(i-1)/2 + j).  A space whose edges all share one list gives that list; one
+# whose edges differ gives, per cell kind, one list per edge of a 4-node cell.
+# darts: DARTS's PRIMITIVES.  s1-s4: the stress spaces of RobustDARTS (Zela et al.,
+# "Understanding and Robustifying DARTS", ICLR 2020) exactly as their release defines
+# them (automl/RobustDARTS @ 3dec3fe, src/spaces.py): s1 a pair per edge, its own in
+# normal and reduction cells; s2 skip_connect and sep_conv_3x3; s3 with none; s4 noise
+# (operations.Noise) and sep_conv_3x3.
+_S1_NORMAL = [
+    ["skip_connect", "dil_conv_3x3"], ["skip_connect", "dil_conv_5x5"],
+    ["skip_connect", "dil_conv_5x5"], ["skip_connect", "sep_conv_3x3"],
+    ["skip_connect", "dil_conv_3x3"], ["max_pool_3x3", "skip_connect"],
+    ["skip_connect", "sep_conv_3x3"], ["skip_connect", "sep_conv_3x3"],
+    ["skip_connect", "dil_conv_3x3"], ["skip_connect", "sep_conv_3x3"],
+    ["max_pool_3x3", "skip_connect"], ["skip_connect", "dil_conv_3x3"],
+    ["dil_conv_3x3", "dil_conv_5x5"], ["dil_conv_3x3", "dil_conv_5x5"],
+]
+_S1_REDUCE = [
+    ["max_pool_3x3", "avg_pool_3x3"], ["max_pool_3x3", "dil_conv_3x3"],
+    ["max_pool_3x3", "avg_pool_3x3"], ["max_pool_3x3", "avg_pool_3x3"],
+    ["skip_connect", "dil_conv_5x5"], ["max_pool_3x3", "avg_pool_3x3"],
+    ["max_pool_3x3", "sep_conv_3x3"], ["skip_connect", "dil_conv_3x3"],
+    ["skip_connect", "dil_conv_5x5"], ["max_pool_3x3", "avg_pool_3x3"],
+    ["max_pool_3x3", "avg_pool_3x3"], ["skip_connect", "dil_conv_5x5"],
+    ["skip_connect", "dil_conv_5x5"], ["skip_connect", "dil_conv_5x5"],
+]
+OPERATION_SPACES: Dict[str, Any] = {
+    "darts": PRIMITIVES,
+    "s1": {"normal": _S1_NORMAL, "reduce": _S1_REDUCE},
+    "s2": ["skip_connect", "sep_conv_3x3"],
+    "s3": ["none", "skip_connect", "sep_conv_3x3"],
+    "s4": ["noise", "sep_conv_3x3"],
+}
+
+
+def check_space(space: Any, what: str = "--space") -> str:
+    """``space`` if it names an operation space, else a one-line UserError."""
+    return _check_choice(space, list(OPERATION_SPACES), what, "operation space")
+
+
+def space_operations(space: str, kind: str, num_edges: int) -> List[Tuple[str, ...]]:
+    """Each edge's candidate operations in the ``kind`` ("normal" or "reduce") cells of
+    operation space ``space``, edges numbered node by node.  ValueError when the space
+    lists its edges one by one and the cell has another number of them."""
+    operations = OPERATION_SPACES[space]
+    if isinstance(operations, list):
+        return [tuple(operations)] * num_edges
+    rows = operations[kind]
+    if len(rows) != num_edges:
+        raise ValueError(f"operation space {space} defines {len(rows)} edges per cell (4 "
+                         f"nodes), not {num_edges}")
+    return [tuple(row) for row in rows]
 
 
 def _without_attention(pairs):
@@ -167,7 +223,7 @@ NAMED_GENOTYPES = {
 # -- the JSON form ---------------------------------------------------------------------
 
 GENOTYPE_FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat",
-                   "normal_bottleneck", "reduce_bottleneck")
+                   "normal_bottleneck", "reduce_bottleneck", "space")
 # What an edge may hold: an operation (or, from the mixed locations, an attention)
 # first; then an attention (or, from double_mixed, an operation) or nothing.
 FIRST_ELEMENTS = [name for name in OPERATIONS if name != "none"] + ATTN_PRIMITIVES
@@ -184,11 +240,13 @@ def edge_nodes(edges: Sequence[Sequence]) -> List[int]:
 
 def genotype_to_dict(genotype: Genotype) -> Dict[str, Any]:
     """The JSON form of a genotype; pairs (cells written in DARTS' own form, as
-    ``(op, input)``) gain '' as their attention."""
+    ``(op, input)``) gain '' as their attention.  ``space`` is written only when it is
+    not darts, so that a darts genotype's file is what it was before spaces existed
+    (and what earlier versions read)."""
     def triples(edges):
         return [[edge[0], int(edge[1]), edge[2] if len(edge) > 2 else ""]
                 + ([int(edge[3])] if len(edge) > 3 else []) for edge in edges]
-    return {
+    data = {
         "normal": triples(genotype.normal),
         "normal_concat": list(genotype.normal_concat),
         "reduce": triples(genotype.reduce),
@@ -196,6 +254,9 @@ def genotype_to_dict(genotype: Genotype) -> Dict[str, Any]:
         "normal_bottleneck": genotype.normal_bottleneck or "",
         "reduce_bottleneck": genotype.reduce_bottleneck or "",
     }
+    if genotype.space != "darts":
+        data["space"] = genotype.space
+    return data
 
 
 def save_genotype(genotype: Genotype, path: str) -> None:
@@ -241,6 +302,31 @@ def _parse_edges(value: Any, where: str) -> List[Tuple]:
     return edges
 
 
+def _check_edges_in_space(edges: Sequence[Tuple], space: str, kind: str, where: str) -> None:
+    """Every operation of ``edges`` (a ``kind`` cell) is one its edge offers in ``space``.
+    A threshold cell (edges naming their node) may have lost its last nodes: it is
+    checked against the space's own edges."""
+    nodes = edge_nodes(edges)
+    table = OPERATION_SPACES[space]
+    named = any(len(edge) > 3 for edge in edges)
+    num_edges = (len(table[kind]) if named and isinstance(table, dict)
+                 else sum(2 + i for i in range(max(nodes, default=1) - 1)))
+    try:
+        offered = space_operations(space, kind, num_edges)
+    except ValueError as error:
+        raise UserError(f"{where}: {error}") from None
+    for position, (edge, node) in enumerate(zip(edges, nodes)):
+        row = sum(2 + i for i in range(node - 2)) + edge[1]
+        if row >= len(offered):
+            raise UserError(f"{where}[{position}]: node {node - 2} is beyond the cells of space "
+                            f"{space}")
+        for name in (edge[0], edge[2]):
+            if name in OPERATIONS and name not in offered[row]:
+                raise UserError(f"{where}[{position}]: operation {name!r} is not a candidate of "
+                                f"its edge (node {node - 2} <- {edge[1]}) in space {space}: "
+                                f"{', '.join(offered[row])}")
+
+
 def _parse_concat(value: Any, edges: Sequence[Tuple], where: str) -> List[int]:
     valid = sorted({0, 1, *edge_nodes(edges)})
     if (not isinstance(value, list) or bool(edges) != bool(value)
@@ -255,13 +341,15 @@ def genotype_from_dict(data: Any, source: str = "genotype") -> Genotype:
     """Validate and build a genotype from its JSON form; errors name the source and field.
 
     Edges may be pairs (the cells published with DARTS): they get '' as attention.
-    Missing bottleneck fields mean ''."""
+    Missing bottleneck fields mean '', a missing space darts.  In a space other than
+    darts every operation must be a candidate of its edge."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a JSON object with fields {', '.join(GENOTYPE_FIELDS)}")
     unknown = sorted(set(data) - set(GENOTYPE_FIELDS))
     if unknown:
         raise UserError(f"{source}: unknown field {unknown[0]!r}; valid: {', '.join(GENOTYPE_FIELDS)}")
-    fields: Dict[str, Any] = {}
+    fields: Dict[str, Any] = {"space": check_space(data.get("space", "darts"),
+                                                   f"{source}: field 'space'")}
     for kind in ("normal", "reduce"):
         for key in (kind, f"{kind}_concat"):
             if key not in data:
@@ -273,6 +361,8 @@ def genotype_from_dict(data: Any, source: str = "genotype") -> Genotype:
         fields[f"{kind}_bottleneck"] = _check_choice(
             data.get(f"{kind}_bottleneck", ""), BOTTLENECKS,
             f"{source}: field '{kind}_bottleneck'", "attention")
+        if fields["space"] != "darts":
+            _check_edges_in_space(edges, fields["space"], kind, f"{source}: field {kind!r}")
     return Genotype(**fields)
 
 

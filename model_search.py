@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from attentions import ATTENTIONS, build_attention
-from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype
+from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype, space_operations
 from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, halve
 from runtime.recompute import BATCH_NORMS, RecomputedPart
 
@@ -79,6 +79,21 @@ SEARCH_SPACES: Dict[AttLocation, SearchSpace] = {
     AttLocation.DOUBLE_MIXED: SearchSpace(_OPS_AND_ATTNS, second_stage=_OPS_AND_ATTNS),
     AttLocation.NO_ATTENTION: SearchSpace(_OPS),
 }
+CELL_KINDS = ("normal", "reduce")
+
+
+def stage_on_edges(stage: Optional[Tuple[str, ...]], operations: Sequence[Tuple[str, ...]]
+                   ) -> Optional[List[Tuple[str, ...]]]:
+    """Each edge's candidates in ``stage`` of a ``SearchSpace`` when the edges' candidate
+    operations are ``operations`` (one tuple per edge: an operation space's, see
+    genotypes.space_operations): the edge's operations in place of DARTS's
+    (PRIMITIVES), the stage's attentions after them as they are.  None: no stage."""
+    if stage is None:
+        return None
+    if not set(stage) & set(PRIMITIVES):  # attentions only
+        return [stage] * len(operations)
+    attentions = tuple(name for name in stage if name not in PRIMITIVES)
+    return [tuple(edge) + attentions for edge in operations]
 
 
 def build_candidate(name: str, C: int, stride: int, height: int, width: int,
@@ -105,28 +120,73 @@ class MixedOp(nn.Module):
     """For each of ``edges`` edges, sum_k w_k * candidate_k(x_edge).  `none` is never
     built nor run: it adds exactly zero.
 
-    With ``aux_skip`` (DARTS-) it adds ``rate * skip_connect(x_edge)``, the rate given as
-    one more weight column after the candidates'.
-
     The edges run side by side: the input is (B, edges*C, H, W), edge e's channels at
     block e, and every candidate is built for all the edges at once (grouped by edge,
     see operations.py): a few large kernels instead of one small one per edge and
     candidate, the point on launch-bound GPUs.  Non-affine BatchNorms over the
-    edges' channels keep each edge's own statistics."""
+    edges' channels keep each edge's own statistics.
 
-    def __init__(self, candidates: Sequence[str], C: int, stride: int, height: int, width: int,
-                 edges: int = 1, aux_skip: bool = False):
+    ``candidates`` names the columns of the weights, shared by every edge, or holds one
+    tuple of names per edge where the edges differ (RobustDARTS's s1: each edge its own
+    pair).  Then each distinct candidate is built once, for the edges that have it: it
+    runs on their input blocks only, its weight is gathered from each edge's own column,
+    and it adds into their outputs (``index_add``).  That is the per-edge computation
+    exactly, with one set of kernels per distinct candidate (at most 5 per state in s1,
+    fewer than DARTS's 7) and no work or parameters for a candidate an edge lacks.  (The
+    union of the candidates on every edge, the absent ones weighted zero, is simpler but
+    runs up to 2.5 times s1's (edge, candidate) pairs, and holds weights that never
+    train.)  ``same_input``: every block of the input is the same tensor (a first stage:
+    all the edges leave one state), so a candidate of m edges reads the first m blocks,
+    a view.
+
+    With ``aux_skip`` (DARTS-) every edge adds ``rate * skip_connect(x_edge)``, a
+    skip_connect of its own weighted by one more column after the candidates' (the
+    decaying rate, see Network._cell_weights)."""
+
+    def __init__(self, candidates: "Sequence[str] | Sequence[Sequence[str]]", C: int,
+                 stride: int, height: int, width: int, edges: int = 1, same_input: bool = False,
+                 aux_skip: bool = False):
         super().__init__()
         self.edges = edges
-        self._weight_index = [k for k, name in enumerate(candidates) if name != "none"]
-        names = [candidates[k] for k in self._weight_index]
+        self.same_input = same_input
+        rows = ([tuple(candidates)] * edges if isinstance(candidates[0], str)
+                else [tuple(row) for row in candidates])
+        assert len(rows) == edges and len({len(row) for row in rows}) == 1, \
+            "one row of candidates per edge, all of one length"
+        names = list(dict.fromkeys(name for row in rows for name in row if name != "none"))
+        # Candidates on every edge first: they start the sum without a zero tensor.
+        names.sort(key=lambda name: not all(name in row for row in rows))
+        members = [[e for e, row in enumerate(rows) if name in row] for name in names]
+        # Per built candidate, each of its blocks' (edge, index in that edge's own
+        # per-edge MixedOp): the per-edge layout of its tensors (EdgeLayout).
+        self.placements = [[(e, [n for n in rows[e] if n != "none"].index(name)) for e in edges_of]
+                           for name, edges_of in zip(names, members)]
+        # Per built candidate: its column when it sits in one column of every edge
+        # (then weights.t()[column] weighs it), else None (weights gathered, index_add).
+        self._weight_index = []
+        columns_per_edge = len(rows[0]) + aux_skip
+        gather, scatter, self._sizes = [], [], []
+        for name, edges_of in zip(names, members):
+            columns = {rows[e].index(name) for e in edges_of}
+            if len(edges_of) == edges and len(columns) == 1:
+                self._weight_index.append(columns.pop())
+                continue
+            self._weight_index.append(None)
+            gather += [e * columns_per_edge + rows[e].index(name) for e in edges_of]
+            scatter += edges_of
+            self._sizes.append(len(edges_of))
         if aux_skip:
-            # DARTS-'s auxiliary skip: one more skip_connect of its own, weighted by the
-            # column after the candidates' (the decaying rate, see Network._cell_weights).
-            self._weight_index.append(len(candidates))
+            self.placements.append([(e, len([n for n in rows[e] if n != "none"]))
+                                    for e in range(edges)])
+            self._weight_index.append(len(rows[0]))
             names.append("skip_connect")
-        self._ops = nn.ModuleList(build_candidate(name, C, stride, height, width, edges)
-                                  for name in names)
+            members.append(list(range(edges)))
+        self.register_buffer("_gather", torch.tensor(gather, dtype=torch.long) if gather else None,
+                             persistent=False)
+        self.register_buffer("_scatter", torch.tensor(scatter, dtype=torch.long) if gather else None,
+                             persistent=False)
+        self._ops = nn.ModuleList(build_candidate(name, C, stride, height, width, len(edges_of))
+                                  for name, edges_of in zip(names, members))
         # The conv candidates all begin with ReLU(x): rectify once, which saves their
         # copies of it (time, and memory kept for backward).
         self._starts_with_relu = [isinstance(op, ReLUFirst) for op in self._ops]
@@ -138,13 +198,33 @@ class MixedOp(nn.Module):
         rectified = F.relu(x) if self.shares_relu else None
         # Candidate k's weights as (1, edges, 1, 1, 1), against (B, edges, C, H, W).
         columns = weights.t()[:, None, :, None, None, None].unbind()
+        if self._gather is not None:  # the others': (1, their edges, 1, 1, 1) each
+            gathered = iter(weights.flatten().index_select(0, self._gather)[
+                None, :, None, None, None].split(self._sizes, dim=1))
+            scattered = iter(self._scatter.split(self._sizes))
         out = None
         for k, op, from_relu in zip(self._weight_index, self._ops, self._starts_with_relu):
-            y = op.forward_from_relu(rectified) if from_relu and self.shares_relu else op(x)
-            y = y.unflatten(1, (self.edges, -1))
-            # out + w * y in one pass over memory
-            out = columns[k] * y if out is None else torch.addcmul(out, columns[k], y)
+            source = rectified if from_relu and self.shares_relu else x
+            if k is None:
+                where, weight = next(scattered), next(gathered)
+                source = self._blocks(source, where)
+            y = op.forward_from_relu(source) if from_relu and self.shares_relu else op(source)
+            if k is not None:
+                y = y.unflatten(1, (self.edges, -1))
+                # out + w * y in one pass over memory
+                out = columns[k] * y if out is None else torch.addcmul(out, columns[k], y)
+                continue
+            contribution = weight * y.unflatten(1, (len(where), -1))
+            if out is None:
+                out = contribution.new_zeros((y.shape[0], self.edges) + contribution.shape[2:])
+            out = out.index_add(1, where, contribution)
         return out
+
+    def _blocks(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """The input blocks of ``edges``, side by side."""
+        if self.same_input:
+            return x.narrow(1, 0, len(edges) * (x.shape[1] // self.edges))
+        return x.unflatten(1, (self.edges, -1)).index_select(1, edges).flatten(1, 2)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int, dim: int = 1) -> torch.Tensor:
@@ -203,41 +283,47 @@ class EdgeLayout:
             bounds.append(bounds[-1] + len(edges))
         self.rows = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
-    def state_of(self, edge: int) -> int:
-        """The state edge ``edge`` leaves."""
-        return next(j for j, edges in enumerate(self.edges_leaving) if edge in edges)
-
-    def group_per_edge(self, state_dict: Dict[str, torch.Tensor], prefix: str) -> None:
+    def group_per_edge(self, state_dict: Dict[str, torch.Tensor], prefix: str,
+                       mixed_ops: Dict[str, Sequence["MixedOp"]]) -> None:
         """Rewrite a per-edge checkpoint's ``_ops.{edge}``/``_attns.{edge}`` entries under
         ``prefix`` into the per-state ``_ops_from.{state}``/``_attns_from.{state}`` ones,
-        in place."""
-        pattern = re.compile(re.escape(prefix) + r"(_ops|_attns)\.(\d+)\.(.*)")
+        in place.  ``mixed_ops["_ops"][state]`` (and ``"_attns"``) is the cell's MixedOp of
+        that state, whose ``placements`` say which edge each block belongs to."""
+        pattern = re.compile(re.escape(prefix) + r"(_ops|_attns)\.(\d+)\._ops\.(\d+)\.(.*)")
+        owners = {(kind, self.edges_leaving[state][position], k): (state, u, blocks)
+                  for kind, ops in mixed_ops.items() for state, mixed in enumerate(ops)
+                  for u, blocks in enumerate(mixed.placements) for position, k in blocks}
         per_edge = {}
         for key in [k for k in state_dict if pattern.fullmatch(k)]:
-            kind, edge, rest = pattern.fullmatch(key).groups()
-            per_edge[kind, int(edge), rest] = state_dict.pop(key)
-        for kind, edge, rest in list(per_edge):
-            state = self.state_of(edge)
-            if edge != self.edges_leaving[state][0]:
-                continue
-            tensors = [per_edge[kind, e, rest] for e in self.edges_leaving[state]]
+            kind, edge, k, rest = pattern.fullmatch(key).groups()
+            per_edge[kind, int(edge), int(k), rest] = state_dict.pop(key)
+        for kind, edge, k, rest in list(per_edge):
+            state, u, blocks = owners[kind, edge, k]
+            edges = self.edges_leaving[state]
+            if (edge, k) != (edges[blocks[0][0]], blocks[0][1]):
+                continue  # gathered with the candidate's first block
+            tensors = [per_edge[kind, edges[position], index, rest] for position, index in blocks]
             # num_batches_tracked: one counter for the state's edges (they count alike).
-            state_dict[f"{prefix}{kind}_from.{state}.{rest}"] = (
+            state_dict[f"{prefix}{kind}_from.{state}._ops.{u}.{rest}"] = (
                 tensors[0] if tensors[0].dim() == 0 else torch.cat(tensors))
 
     def per_edge_entries(self, kind: str, by_state: Dict[int, Dict[str, torch.Tensor]],
-                         prefix: str) -> Dict[str, torch.Tensor]:
+                         prefix: str, mixed_ops: Sequence["MixedOp"]) -> Dict[str, torch.Tensor]:
         """The entries ``{state: {name inside _ops_from.{state}: tensor}}`` of ``kind``
         (``_ops`` or ``_attns``) under the per-edge names, edge by edge: each edge's
-        block (views), counters repeated."""
-        entries = {}
-        for edge in range(self.num_edges):
-            state = self.state_of(edge)
-            position, count = self.edges_leaving[state].index(edge), len(self.edges_leaving[state])
-            for rest, tensor in by_state.get(state, {}).items():
-                entries[f"{prefix}{kind}.{edge}.{rest}"] = (
-                    tensor if tensor.dim() == 0 else tensor.unflatten(0, (count, -1))[position])
-        return entries
+        block (views), counters repeated.  ``mixed_ops[state]``: the state's MixedOp."""
+        pattern = re.compile(r"_ops\.(\d+)\.(.*)")
+        found = []
+        for state, tensors in by_state.items():
+            for order, (name, tensor) in enumerate(tensors.items()):
+                u, rest = pattern.fullmatch(name).groups()
+                blocks = mixed_ops[state].placements[int(u)]
+                for block, (position, k) in enumerate(blocks):
+                    edge = self.edges_leaving[state][position]
+                    found.append(((edge, k, order), f"{prefix}{kind}.{edge}._ops.{k}.{rest}",
+                                  tensor if tensor.dim() == 0
+                                  else tensor.unflatten(0, (len(blocks), -1))[block]))
+        return {key: tensor for _, key, tensor in sorted(found, key=lambda entry: entry[0])}
 
 
 class SearchCell(nn.Module):
@@ -252,6 +338,10 @@ class SearchCell(nn.Module):
     recomputed in backward on its own (``RecomputedPart``), and a training forward
     keeps only the states.
 
+    ``operations``: each edge's candidate operations, edges numbered node by node (an
+    operation space's, genotypes.space_operations), in place of DARTS's PRIMITIVES in
+    the stages of ``space``; None: PRIMITIVES on every edge.
+
     State-dict layout: ``_ops_from.{j}`` holds the tensors of the edges leaving state
     j, stacked in the order of the nodes they lead to.  Checkpoints of the per-edge
     layout (``_ops.{edge}``, ``_attns.{edge}``, one MixedOp per edge, edges numbered
@@ -259,7 +349,8 @@ class SearchCell(nn.Module):
 
     def __init__(self, space: SearchSpace, steps: int, multiplier: int, C_prev_prev: int,
                  C_prev: int, C: int, reduction: bool, reduction_prev: bool,
-                 height: int, width: int, partial_channels: int = 1, aux_skip: bool = False):
+                 height: int, width: int, partial_channels: int = 1,
+                 operations: Optional[Sequence[Tuple[str, ...]]] = None, aux_skip: bool = False):
         super().__init__()
         self.reduction = reduction
         self.partial_channels = partial_channels
@@ -276,15 +367,20 @@ class SearchCell(nn.Module):
         # are layout.rows[j] of the reordered matrix.
         self.register_buffer("_order", torch.tensor(self.layout.order), persistent=False)
 
+        operations = operations or [tuple(PRIMITIVES)] * self.layout.num_edges
+        first = stage_on_edges(space.first_stage, operations)
+        second = stage_on_edges(space.second_stage, operations)
         self._ops_from = nn.ModuleList()
         self._attns_from = nn.ModuleList()
         for j, edges in enumerate(self.layout.edges_leaving):
             stride = 2 if reduction and j < 2 else 1
             # The first stage sees C/K channels of its state (PC-DARTS), the rest bypass it.
-            self._ops_from.append(MixedOp(space.first_stage, C // partial_channels, stride,
-                                          height, width, len(edges), aux_skip))
-            if space.second_stage is not None:
-                self._attns_from.append(MixedOp(space.second_stage, C, 1, height, width, len(edges)))
+            self._ops_from.append(MixedOp([first[e] for e in edges], C // partial_channels,
+                                          stride, height, width, len(edges), same_input=True,
+                                          aux_skip=aux_skip))
+            if second is not None:
+                self._attns_from.append(MixedOp([second[e] for e in edges], C, 1, height, width,
+                                                len(edges)))
         self._bottleneck = (MixedOp(space.cell_end, multiplier * C, 1, height, width)
                             if space.cell_end is not None else None)
 
@@ -383,7 +479,8 @@ class SearchCell(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Load a per-edge checkpoint as well as a per-state one (see EdgeLayout)."""
-        self.layout.group_per_edge(state_dict, prefix)
+        self.layout.group_per_edge(state_dict, prefix,
+                                   {"_ops": self._ops_from, "_attns": self._attns_from})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -403,18 +500,24 @@ class Network(nn.Module):
     edge weights ``edge_weights_normal``/``edge_weights_reduce`` (one per edge; a node
     sums its incoming edges weighted by their softmax over that node's edges).
 
-    The published fixes of collapse (runtime/collapse_fixes.py drives them): ``relaxation="sigmoid"``
-    weighs every candidate by its own sigmoid instead of the row's softmax and derives
-    the cell by FairDARTS's threshold (``op_threshold``); ``aux_skip=True`` adds DARTS-'s
-    auxiliary skip connection to every edge's operations, weighted by the buffer
-    ``aux_skip_rate``; ``holding_relaxed`` lets SDARTS's weight step run on perturbed
-    relaxed weights."""
+    ``operation_space`` (genotypes.OPERATION_SPACES, ``--space``) gives each edge's
+    candidate operations in place of DARTS's; attentions stay where ``location`` puts
+    them.  ``edge_candidates[name]`` holds, per edge, the candidates behind the columns
+    of architecture parameter ``name`` (``alphas_*``, ``betas_*``).
+
+    The published fixes of collapse (runtime/collapse_fixes.py drives them):
+    ``relaxation="sigmoid"`` weighs every candidate by its own sigmoid instead of the
+    row's softmax and derives the cell by FairDARTS's threshold (``op_threshold``);
+    ``aux_skip=True`` adds DARTS-'s auxiliary skip connection to every edge's
+    operations, weighted by the buffer ``aux_skip_rate``; ``holding_relaxed`` lets
+    SDARTS's weight step run on perturbed relaxed weights."""
 
     def __init__(self, C: int, num_classes: int, layers: int, criterion: nn.Module,
                  location: "AttLocation | str" = AttLocation.AFTER_EVERY, steps: int = 4,
                  multiplier: int = 4, stem_multiplier: int = 3, image_size: int = 32,
                  recompute: bool = False, partial_channels: int = 1, edge_norm: bool = False,
-                 relaxation: str = "softmax", op_threshold: float = 0.85, aux_skip: bool = False):
+                 operation_space: str = "darts", relaxation: str = "softmax",
+                 op_threshold: float = 0.85, aux_skip: bool = False):
         super().__init__()
         check_partial_channels(C, layers, partial_channels)
         if relaxation not in RELAXATIONS:
@@ -435,6 +538,13 @@ class Network(nn.Module):
         self._multiplier = multiplier
         self.location = AttLocation.parse(location)
         self.space = SEARCH_SPACES[self.location]
+        self.operation_space = operation_space
+        num_edges = sum(node_sizes(steps))
+        operations = {kind: space_operations(operation_space, kind, num_edges) for kind in CELL_KINDS}
+        self.edge_candidates = {
+            f"{prefix}_{kind}": stage_on_edges(stage, operations[kind]) for kind in CELL_KINDS
+            for prefix, stage in (("alphas", self.space.first_stage), ("betas", self.space.second_stage))
+            if stage is not None}
 
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(
@@ -451,7 +561,8 @@ class Network(nn.Module):
                 C_curr *= 2
                 size = halve(size)
             cell = SearchCell(self.space, steps, multiplier, C_prev_prev, C_prev, C_curr,
-                              reduction, reduction_prev, size, size, partial_channels, aux_skip)
+                              reduction, reduction_prev, size, size, partial_channels,
+                              operations["reduce" if reduction else "normal"], aux_skip)
             self.cells.append(cell)
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -461,9 +572,10 @@ class Network(nn.Module):
 
     def _initialize_arch_parameters(self) -> None:
         num_edges = sum(2 + i for i in range(self.steps))
-        shapes = {"alphas": (num_edges, len(self.space.first_stage))}
+        # Every edge of a space has as many candidates (RobustDARTS's s1: two each).
+        shapes = {"alphas": (num_edges, len(self.edge_candidates["alphas_normal"][0]))}
         if self.space.second_stage is not None:
-            shapes["betas"] = (num_edges, len(self.space.second_stage))
+            shapes["betas"] = (num_edges, len(self.edge_candidates["betas_normal"][0]))
         if self.space.cell_end is not None:
             shapes["gammas"] = (len(self.space.cell_end),)
         if self.edge_norm:
@@ -579,7 +691,9 @@ class Network(nn.Module):
         for key, value in out.items():
             if isinstance(key, tuple):
                 prefix, cell, kind = key
-                result.update(self.cells[cell].layout.per_edge_entries(kind, value, prefix))
+                cell = self.cells[cell]
+                result.update(cell.layout.per_edge_entries(kind, value, prefix,
+                                                           getattr(cell, f"{kind}_from")))
             else:
                 result[key] = value
         return result
@@ -611,17 +725,21 @@ class Network(nn.Module):
                               for w in self._cell_weights(kind, aux_skip=False)]
                        for kind in ("normal", "reduce")}
         threshold = self.op_threshold if self.relaxation == "sigmoid" else None
-        return derive_genotype(weights, self.space, self.steps, self._multiplier, threshold)
+        return derive_genotype(weights, self.edge_candidates, self.space.cell_end, self.steps,
+                               self._multiplier, self.operation_space, threshold)
 
 
-def derive_genotype(weights: Dict[str, Sequence[Optional[torch.Tensor]]], space: SearchSpace,
-                    steps: int, multiplier: int, threshold: Optional[float] = None) -> Genotype:
+def derive_genotype(weights: Dict[str, Sequence[Optional[torch.Tensor]]],
+                    candidates: Dict[str, List[Tuple[str, ...]]],
+                    cell_end: Optional[Tuple[str, ...]], steps: int, multiplier: int,
+                    operation_space: str = "darts", threshold: Optional[float] = None) -> Genotype:
     """The DARTS rule: per node the two strongest incoming edges (ignoring `none`), each
     with its best non-`none` first- and second-stage candidate; the cell-end attention
     is the best one.  ``weights[kind]`` holds the relaxed (first, second, cell_end)
     weights of ``kind`` ("normal" or "reduce"), edges numbered node by node, and
     optionally fourth the normalised edge weights (PC-DARTS: an edge's strength is then
-    its strongest operation weight times its edge weight).
+    its strongest operation weight times its edge weight).  ``candidates``: per edge the
+    names behind the columns (``Network.edge_candidates``).
 
     With ``threshold`` (FairDARTS's ``threshold_sparse``, on sigmoid weights) a kept
     edge stays only if its operation's weight reaches the threshold, and an attention
@@ -629,35 +747,42 @@ def derive_genotype(weights: Dict[str, Sequence[Optional[torch.Tensor]]], space:
     name their node (``(op, input, attention, node)``), the edges leaving a node that
     kept none are dropped (FairDARTS's final cell skips them), and the concat lists
     the nodes that kept an edge."""
-    cells = {kind: derive_edges(w[0], w[1], space, steps, w[3] if len(w) > 3 else None, threshold)
+    cells = {kind: derive_edges(w[0], w[1], candidates[f"alphas_{kind}"],
+                                candidates.get(f"betas_{kind}"), steps,
+                                w[3] if len(w) > 3 else None, threshold)
              for kind, w in weights.items()}
-    ends = {kind: best_candidate(w[2], space.cell_end, threshold)[0] if w[2] is not None else ""
+    ends = {kind: best_candidate(w[2], cell_end, threshold)[0] if w[2] is not None else ""
             for kind, w in weights.items()}
     concat = {kind: list(range(2 + steps - multiplier, steps + 2)) if threshold is None
               else sorted({edge[3] for edge in cells[kind]}) for kind in cells}
     return Genotype(normal=cells["normal"], normal_concat=concat["normal"],
                     reduce=cells["reduce"], reduce_concat=concat["reduce"],
-                    normal_bottleneck=ends["normal"], reduce_bottleneck=ends["reduce"])
+                    normal_bottleneck=ends["normal"], reduce_bottleneck=ends["reduce"],
+                    space=operation_space)
 
 
-def derive_edges(first: torch.Tensor, second: Optional[torch.Tensor], space: SearchSpace,
+def derive_edges(first: torch.Tensor, second: Optional[torch.Tensor],
+                 first_names: Sequence[Sequence[str]], second_names: Optional[Sequence[Sequence[str]]],
                  steps: int, edge_weights: Optional[torch.Tensor] = None,
                  threshold: Optional[float] = None) -> List[Tuple]:
     """One cell's (operation, input, attention) per kept edge, node by node; with
     ``edge_weights``, edges rank by (strongest operation weight) x (edge weight); with
     ``threshold``, (operation, input, attention, node) for the edges that reach it
-    from a node that kept an edge (see ``derive_genotype``)."""
+    from a node that kept an edge (see ``derive_genotype``).
+    ``first_names[e]``/``second_names[e]``: edge e's candidates.  RobustDARTS's parse
+    looks 'none' up in the list of edge ``j`` of the node rather than of edge
+    ``start + j``; their spaces never tell the two apart, and this uses the edge's own."""
     gene = []
     live = {0, 1}  # the states an edge may leave: the cell's inputs, nodes with an edge
     start = 0
     for i in range(steps):
         end = start + i + 2
-        strength = {e: best_candidate(first[e], space.first_stage)[1]
+        strength = {e: best_candidate(first[e], first_names[e])[1]
                     * (float(edge_weights[e]) if edge_weights is not None else 1.0)
                     for e in range(start, end)}
         for e in sorted(strength, key=lambda e: -strength[e])[:2]:
-            op, weight = best_candidate(first[e], space.first_stage)
-            attention = (best_candidate(second[e], space.second_stage, threshold)[0]
+            op, weight = best_candidate(first[e], first_names[e])
+            attention = (best_candidate(second[e], second_names[e], threshold)[0]
                          if second is not None else "")
             if threshold is None:
                 gene.append((op, e - start, attention))

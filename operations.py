@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime.recompute import standard_normal
+
 
 class DepthwiseConvolution(torch.autograd.Function):
     """A depthwise convolution whose input gradient is a forward convolution.
@@ -206,6 +208,23 @@ class Zero(nn.Module):
         return x[:, :, ::self.stride, ::self.stride].mul(0.0)
 
 
+class Noise(nn.Module):
+    """RobustDARTS's `noise` op (their operations.py ``NoiseOp(stride, 0., 1.)``): fresh
+    N(0, 1) samples of the input's shape, spatially strided (``x[:, :, ::2, ::2]``) on a
+    stride-2 edge; the input itself is discarded.  No parameters, and the same in
+    training and evaluation (their release has no ``self.training`` check), in the
+    search and in final networks alike.  Channelwise, so it serves any number of edges."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        shape = (batch, channels, -(-height // self.stride), -(-width // self.stride))
+        return standard_normal(shape, x)
+
+
 class FactorizedReduce(nn.Module):
     """Halve the resolution without losing pixels: two 1x1 stride-2 convs, the
     second on the input shifted by one pixel, concatenated along channels (per edge:
@@ -232,6 +251,7 @@ class FactorizedReduce(nn.Module):
 # so they serve any number of edges as built.
 OPS: Dict[str, Callable[..., nn.Module]] = {
     "none": lambda C, stride, affine, edges=1: Zero(stride),
+    "noise": lambda C, stride, affine, edges=1: Noise(stride),
     "avg_pool_3x3": lambda C, stride, affine, edges=1: nn.AvgPool2d(3, stride=stride, padding=1,
                                                                     count_include_pad=False),
     "max_pool_3x3": lambda C, stride, affine, edges=1: nn.MaxPool2d(3, stride=stride, padding=1),

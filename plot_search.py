@@ -5,8 +5,9 @@ the search script) and writes, into ``--out_dir`` (default ``RUN_DIR/plots``):
 
 - ``<param>.png`` for every architecture parameter set found under ``"arch"``
   (``alphas_normal``, ``betas_reduce``, ``gammas_normal``, ...): for a per-edge
-  parameter, one small heatmap per edge (rows: candidates, columns: epochs,
-  colour: softmaxed weight on a shared 0..1 scale); for a per-cell parameter
+  parameter, one small heatmap per edge (rows: candidates, each edge's own where
+  they differ as in RobustDARTS's s1; columns: epochs; colour: softmaxed weight
+  on a shared 0..1 scale); for a per-cell parameter
   (the cell-end ``gammas``), one heatmap candidates x epochs;
 - ``curves.png``: train/valid accuracy, train/valid loss and, if logged, the
   learning rate over the epochs;
@@ -99,7 +100,8 @@ def collect_params(history: Sequence[Dict[str, Any]]) -> Dict[str, Tuple[np.ndar
 
     Returns ``{param: (values, candidate_names)}`` where ``values`` has shape
     ``(epochs, edges, candidates)`` for per-edge parameters and ``(epochs, candidates)``
-    for per-cell ones; epochs where the parameter is absent are NaN."""
+    for per-cell ones; epochs where the parameter is absent are NaN.  The names are
+    one list, or one list per edge where the edges' candidates differ."""
     shapes: Dict[str, Tuple[int, ...]] = {}
     names: Dict[str, List[str]] = {}
     per_epoch: List[Dict[str, np.ndarray]] = []
@@ -117,10 +119,8 @@ def collect_params(history: Sequence[Dict[str, Any]]) -> Dict[str, Tuple[np.ndar
             arrays[param] = array
             candidates = (record.get("candidates") or {}).get(param)
             if candidates is not None and param not in names:
-                if not isinstance(candidates, list) or len(candidates) != array.shape[-1]:
-                    raise UserError(f"epoch {epoch}: candidates.{param} does not list "
-                                          f"{array.shape[-1]} names")
-                names[param] = [str(name) for name in candidates]
+                names[param] = _candidate_names(candidates, array.shape, f"epoch {epoch}: "
+                                                f"candidates.{param}")
         per_epoch.append(arrays)
     params: Dict[str, Tuple[np.ndarray, List[str]]] = {}
     for param, shape in shapes.items():
@@ -130,6 +130,18 @@ def collect_params(history: Sequence[Dict[str, Any]]) -> Dict[str, Tuple[np.ndar
                 values[index] = arrays[param]
         params[param] = (values, names.get(param, [str(k) for k in range(shape[-1])]))
     return params
+
+
+def _candidate_names(candidates: Any, shape: Tuple[int, ...], where: str) -> List:
+    """A record's names of a parameter's columns (one list, or one per row), checked
+    against the parameter's shape."""
+    per_row = isinstance(candidates, list) and bool(candidates) and isinstance(candidates[0], list)
+    rows = candidates if per_row else [candidates]
+    if (not isinstance(candidates, list) or (per_row and len(candidates) != shape[0])
+            or any(not isinstance(row, list) or len(row) != shape[-1] for row in rows)):
+        raise UserError(f"{where} does not list {shape[-1]} names (once, or per edge)")
+    names = [[str(name) for name in row] for row in rows]
+    return names if per_row else names[0]
 
 
 # -- plotting ------------------------------------------------------------------------
@@ -184,10 +196,13 @@ def _heatmap(ax: Any, matrix: np.ndarray, epochs: Sequence[Any], names: Sequence
     return image
 
 
-def plot_edges(values: np.ndarray, names: Sequence[str], epochs: Sequence[Any], param: str,
+def plot_edges(values: np.ndarray, names: Sequence, epochs: Sequence[Any], param: str,
                path: str) -> None:
-    """One heatmap per edge of a per-edge parameter (values: epochs x edges x candidates)."""
+    """One heatmap per edge of a per-edge parameter (values: epochs x edges x candidates;
+    ``names``: the candidates, or one list per edge, each panel then labelled with its own)."""
     num_edges = values.shape[1]
+    per_edge = not isinstance(names[0], str)
+    edge_names = names if per_edge else [names] * num_edges
     layout = _edge_layout(num_edges)
     if layout is not None:
         rows, cols = layout[-1][0] + 1, layout[-1][0] + 2
@@ -198,9 +213,10 @@ def plot_edges(values: np.ndarray, names: Sequence[str], epochs: Sequence[Any], 
         cells = [(k // cols, k % cols) for k in range(num_edges)]
     # Fixed layout in inches (much cheaper than constrained layout with 14 axes):
     # candidate names on the left, a colorbar on the right, titles and ticks between rows.
-    panel_w, panel_h = 2.1, max(1.0, 0.17 * len(names) + 0.2)
-    left = 0.35 + 0.062 * max(len(name) for name in names)
-    right, top, bottom, wgap, hgap = 1.2, 0.55, 0.5, 0.15, 0.55
+    panel_w, panel_h = 2.1, max(1.0, 0.17 * len(edge_names[0]) + 0.2)
+    left = 0.35 + 0.062 * max(len(name) for row in edge_names for name in row)
+    # Every panel names its own rows where the edges' candidates differ.
+    right, top, bottom, wgap, hgap = 1.2, 0.55, 0.5, left if per_edge else 0.15, 0.55
     width = left + cols * panel_w + (cols - 1) * wgap + right
     height = bottom + rows * panel_h + (rows - 1) * hgap + top
     fig = new_figure(width, height, layout=None)
@@ -210,7 +226,8 @@ def plot_edges(values: np.ndarray, names: Sequence[str], epochs: Sequence[Any], 
     image = None
     for edge, (row, col) in enumerate(cells):
         ax = fig.add_subplot(grid[row, col])
-        image = _heatmap(ax, values[:, edge, :].T, epochs, names, show_names=col == 0)
+        image = _heatmap(ax, values[:, edge, :].T, epochs, edge_names[edge],
+                         show_names=per_edge or col == 0)
         title = f"node {row} \u2190 {_source_name(col)}" if layout is not None else f"edge {edge}"
         ax.set_title(title, fontsize=8)
         if row == rows - 1:

@@ -3,6 +3,7 @@
 
     python train_search.py --unrolled            # second order, attention after every op
     python train_search.py --location end        # first order, one attention per cell
+    python train_search.py --space s3            # in a stress space of RobustDARTS
     python train_search.py --partial_channels 4 --batchsz 256 --lr 0.1 --lr_min 0 \
         --arch_lr 6e-4 --arch_warmup_epochs 15   # PC-DARTS's search settings
     python train_search.py --beta_decay 50 --aux_skip --perturb_alpha random

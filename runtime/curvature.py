@@ -14,6 +14,9 @@ How it is computed, so that computing it changes nothing in the search:
   architect's validation loss, and leaves its running statistics alone;
 - the weights are held fixed (detached); recomputed cells refuse double backward,
   so the supernet runs its plain forward for these products;
+- random draws of the forward (RobustDARTS's noise op, ``--space s4``) come from a
+  forked random state, seeded per batch: every product sees the same noise, so the
+  power iteration works on one Hessian, and the search's random streams do not move;
 - under torchrun each process takes its share of the subset, the products are
   averaged over processes (the mean of each process's mean: the subset's mean when
   it divides evenly) and rank 0's is broadcast: every rank holds the same vectors,
@@ -100,7 +103,8 @@ def hessian_vector_product(network: Network, batches: Sequence[Batch],
     norms = batch_norms(network)
     total = sum(targets.numel() for _, targets in batches)
     product = [torch.zeros_like(p) for p in arch.values()]
-    for images, targets in batches:
+    for index, (images, targets) in enumerate(batches):
+        torch.manual_seed(index)  # the same draws at every product (dominant_eigenvalue forks)
         with batch_statistics_only(norms):
             loss = network.loss(images, targets, {**weights, **arch})
         grads = torch.autograd.grad(loss, list(arch.values()), create_graph=True)
@@ -122,7 +126,11 @@ def dominant_eigenvalue(network: Network, batches: Sequence[Batch], max_iteratio
     vector = [torch.randn(p.shape, generator=generator).to(p) for p in arch]
     vector = _normalised(vector)
     estimate, change, iteration = 0.0, float("inf"), 0
-    with double_backward_mode(network):
+    device = next(network.parameters()).device
+    # The CPU's state always; a GPU's (all of them: manual_seed seeds every one) on CUDA.
+    forked = (torch.random.fork_rng(device_type=device.type) if device.type != "cpu"
+              else torch.random.fork_rng(devices=[]))
+    with double_backward_mode(network), forked:
         for iteration in range(1, max_iterations + 1):
             product = hessian_vector_product(network, batches, vector)
             all_reduce_mean_(product)

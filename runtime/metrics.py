@@ -11,7 +11,7 @@ redoes, as arch_history.jsonl does.
 import csv
 import io
 import os
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,13 +30,29 @@ def summary_writer_class() -> Optional[type]:
     return SummaryWriter
 
 
-def heatmap_image(weights: Any, scale: int = 8) -> np.ndarray:
+def spread_rows(weights: Any, names: Sequence[Sequence[str]]) -> Tuple[np.ndarray, List[str]]:
+    """Rows whose columns mean different candidates (``names[row]``) as one matrix over
+    the union of the names, in order of first appearance; NaN where a row lacks one."""
+    union = list(dict.fromkeys(name for row in names for name in row))
+    matrix = np.full((len(names), len(union)), np.nan)
+    for r, (values, row) in enumerate(zip(weights, names)):
+        matrix[r, [union.index(name) for name in row]] = values
+    return matrix, union
+
+
+def heatmap_image(weights: Any, names: Optional[Sequence] = None, scale: int = 8) -> np.ndarray:
     """Softmaxed weights (rows x candidates, or one row) as an RGB image (H, W, 3,
-    uint8) on the viridis scale 0..1, each entry a ``scale`` x ``scale`` square."""
+    uint8) on the viridis scale 0..1, each entry a ``scale`` x ``scale`` square.
+    ``names``: the candidates of the columns, or one list per row where rows differ
+    (RobustDARTS's s1); then the columns are the union of the rows' candidates
+    (``spread_rows``), grey where a row lacks one."""
     import matplotlib  # only needed with TensorBoard
 
     matrix = np.atleast_2d(np.asarray(weights, dtype=float))
-    rgb = matplotlib.colormaps["viridis"](np.clip(matrix, 0.0, 1.0))[..., :3]
+    if names and not isinstance(names[0], str):
+        matrix = spread_rows(matrix, names)[0]
+    colours = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    rgb = colours(np.ma.masked_invalid(np.clip(matrix, 0.0, 1.0)))[..., :3]
     return (np.kron(rgb, np.ones((scale, scale, 1))) * 255).round().astype(np.uint8)
 
 

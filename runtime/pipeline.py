@@ -22,6 +22,7 @@ import re
 import shlex
 from typing import Any, Callable, Dict, List, Mapping, Sequence
 
+from genotypes import check_space
 from runtime import launchers, preflight, result_card, slurm
 from runtime.atomic import atomic_write_text
 from runtime.errors import UserError
@@ -69,6 +70,8 @@ def add_reproduce_args(parser: argparse.ArgumentParser) -> None:
                         help="seed of the first search and final training; the others count up")
     parser.add_argument("--workers", type=int, default=None, help="loader workers of every job")
     parser.add_argument("--location", default=None, help="train_search.py's --location")
+    parser.add_argument("--space", default=None,
+                        help="train_search.py's --space (default: its own, darts)")
     parser.add_argument("--unrolled", action=argparse.BooleanOptionalAction, default=None,
                         help="second-order search (the preset's: paper on, tiny off)")
     parser.add_argument("--partial_channels", type=int, default=None,
@@ -96,8 +99,10 @@ def resolve_settings(options: argparse.Namespace) -> Dict[str, Any]:
         if getattr(options, key, None) is not None:
             settings[key] = getattr(options, key)
     settings.update(dataset=options.dataset, seed=options.seed, location=options.location,
-                    partial_channels=options.partial_channels,
+                    space=options.space, partial_channels=options.partial_channels,
                     search_args=options.search_args, train_args=options.train_args)
+    if options.space is not None:
+        check_space(options.space)
     for key, value in PRESETS["paper"].items():
         if type(value) is int and settings[key] < 1:
             raise UserError(f"--{key} must be at least 1, got {settings[key]}")
@@ -178,6 +183,7 @@ def search_jobs(settings: Mapping[str, Any], options: argparse.Namespace, direct
         "--train_portion", str(settings["search_train_portion"])]
     flags += ["--unrolled"] if settings["unrolled"] else []
     flags += ["--location", settings["location"]] if settings["location"] else []
+    flags += ["--space", settings["space"]] if settings.get("space") else []
     if settings["partial_channels"] is not None:
         flags += ["--partial_channels", str(settings["partial_channels"])]
     flags += shlex.split(settings["search_args"])

@@ -5,12 +5,44 @@ A part is a function ``part(cell, *inputs)`` over a cell's submodules; SearchCel
 (model_search.py) cuts a cell into parts (its input preprocessings, the edges
 leaving each state, the cell end) and runs each through ``RecomputedPart``.
 """
+import collections.abc
 import contextlib
-from typing import Callable, Iterator, List, Optional, Sequence
+import threading
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
+
+
+# The random draws of the part this thread is running under RecomputedPart: recorded
+# by its forward (a list), replayed by its recomputation (an iterator); None outside.
+_draws = threading.local()
+
+
+def standard_normal(shape: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Fresh N(0, 1) samples of ``shape`` in ``like``'s dtype and device.  Inside a
+    recomputed part these are the samples the part's forward drew: a recomputation
+    must see the random numbers its forward saw (RobustDARTS's noise op)."""
+    draws = getattr(_draws, "tape", None)
+    if isinstance(draws, collections.abc.Iterator):
+        return next(draws)
+    sample = torch.randn(shape, dtype=like.dtype, device=like.device)
+    if draws is not None:
+        draws.append(sample)
+    return sample
+
+
+@contextlib.contextmanager
+def _random_draws(tape: "list | Iterator[torch.Tensor]") -> Iterator[None]:
+    """Record this thread's ``standard_normal`` samples into a list, or replay them
+    from an iterator, within the block."""
+    outer = getattr(_draws, "tape", None)
+    _draws.tape = tape
+    try:
+        yield
+    finally:
+        _draws.tape = outer
 
 
 @contextlib.contextmanager
@@ -64,8 +96,10 @@ class RecomputedPart(torch.autograd.Function):
     Why not ``torch.utils.checkpoint``: its reentrant form refuses ``autograd.grad``
     (which the architect uses), and its non-reentrant form runs a Python hook for
     each of the ~2700 tensors a cell saves, which cost twice the recomputation
-    itself here (measured: +1.2 s against +0.6 s per pass).  Search cells draw no
-    random numbers, so no RNG state needs replaying.
+    itself here (measured: +1.2 s against +0.6 s per pass).  A part's random draws
+    (``standard_normal``: RobustDARTS's noise op, the only random op of a search cell)
+    are kept from the forward and replayed by the recomputation, instead of replaying
+    the RNG state: nothing to save or restore on the device, and safe in a CUDA graph.
     """
 
     @staticmethod
@@ -75,7 +109,9 @@ class RecomputedPart(torch.autograd.Function):
         device = next(t for t in inputs_and_params if t is not None).device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(*inputs_and_params)
-        return part(cell, *inputs_and_params[:num_inputs])
+        ctx.draws = []
+        with _random_draws(ctx.draws):
+            return part(cell, *inputs_and_params[:num_inputs])
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor):
@@ -93,7 +129,7 @@ class RecomputedPart(torch.autograd.Function):
         # Training-mode BatchNorm normalises with batch statistics; the running
         # statistics were updated by the forward and must not be updated twice.
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast), \
-                batch_statistics_only(ctx.norms):
+                batch_statistics_only(ctx.norms), _random_draws(iter(ctx.draws)):
             outputs = functional_call(PartModule(ctx.cell, ctx.part), tensors, tuple(inputs),
                                       tie_weights=False)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)

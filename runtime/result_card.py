@@ -175,7 +175,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
     settings = summary["settings"]
     lines = [f"# Reproduction: {settings['dataset'].upper()}", "",
              f"Command: `{summary['command']}`", "",
-             f"Search: {summary['search_variant']}", "", "## Result", "",
+             f"Searched in operation space {settings.get('space') or 'darts'}, attention at "
+             f"location {settings.get('location') or 'after_every'} (train_search.py --space, "
+             f"--location).", "", f"Search: {summary['search_variant']}", "", "## Result", "",
              "| | test error (%) | params (M) |", "|:--|:--:|:--:|"]
     selected, error = summary["selected"], summary["test_error"]
     lines.append(f"| this pipeline ({error['n'] if error else 0} runs) | "

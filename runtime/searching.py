@@ -35,7 +35,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset
 
 from architect import Architect
-from genotypes import Genotype, genotype_from_dict, genotype_to_dict, save_genotype
+from genotypes import (OPERATION_SPACES, Genotype, check_space, genotype_from_dict,
+                       genotype_to_dict, save_genotype)
 from model_search import EDGE_WEIGHTS, AttLocation, Network, check_partial_channels, node_sizes
 from runtime import curvature, data, parallel
 from runtime.collapse_fixes import EARLIER_FLAGS as VARIANT_FLAGS
@@ -157,15 +158,36 @@ def evaluate_supernet(model: nn.Module, loader: torch.utils.data.DataLoader, pre
     return evaluate(model, loader, graph, runtime, channels_last, "valid")
 
 
-def candidate_names(network: Network) -> Dict[str, List[str]]:
-    """The candidate names behind each architecture parameter's columns."""
-    stages = {"alphas": network.space.first_stage, "betas": network.space.second_stage,
-              "gammas": network.space.cell_end}
+def candidate_names(network: Network) -> Dict[str, List]:
+    """The candidate names behind each architecture parameter's columns: one list, or
+    one list per edge where the edges' candidates differ (RobustDARTS's s1)."""
     # Edge weights: one column per edge, named by the node it leads to and its input.
     edges = [f"node {i} <- {j}" for i, size in enumerate(node_sizes(network.steps))
              for j in range(size)]
-    return {name: edges if name.startswith(EDGE_WEIGHTS) else list(stages[name.split("_")[0]])
-            for name in network.named_arch_parameters()}
+    names: Dict[str, List] = {}
+    for name in network.named_arch_parameters():
+        rows = network.edge_candidates.get(name)
+        if name.startswith(EDGE_WEIGHTS):
+            names[name] = edges
+        elif rows is None:  # gammas: the cell-end attentions
+            names[name] = list(network.space.cell_end)
+        else:
+            names[name] = (list(rows[0]) if all(row == rows[0] for row in rows)
+                           else [list(row) for row in rows])
+    return names
+
+
+def describe_space(network: Network) -> str:
+    """The operation space (--space) and what each edge chooses from, for the run's log."""
+    space = network.operation_space
+    rows = {kind: network.edge_candidates[f"alphas_{kind}"] for kind in ("normal", "reduce")}
+    if all(row == rows["normal"][0] for kind_rows in rows.values() for row in kind_rows):
+        return f"operation space {space}: every edge chooses from {', '.join(rows['normal'][0])}"
+    edges = [f"{i}<-{j}" for i, size in enumerate(node_sizes(network.steps)) for j in range(size)]
+    per_edge = "; ".join(f"{kind} cells " + ", ".join(f"{edge} {'/'.join(row)}"
+                                                       for edge, row in zip(edges, kind_rows))
+                         for kind, kind_rows in rows.items())
+    return f"operation space {space}: each edge its own candidates (node<-input): {per_edge}"
 
 
 def arch_digest(network: Network) -> str:
@@ -220,8 +242,9 @@ def early_stop_rule(args: argparse.Namespace) -> Optional[EarlyStop]:
 
 
 def check_search_space_flags(args: argparse.Namespace) -> None:
-    """--partial_channels, --edge_norm ('auto': on with partial channels, resolved in
-    ``args``) and --arch_warmup_epochs, checked before anything is built."""
+    """--space, --partial_channels, --edge_norm ('auto': on with partial channels,
+    resolved in ``args``) and --arch_warmup_epochs, checked before anything is built."""
+    check_space(args.space)
     try:
         check_partial_channels(args.init_ch, args.layers, args.partial_channels)
     except ValueError as error:
@@ -234,8 +257,15 @@ def check_search_space_flags(args: argparse.Namespace) -> None:
 
 
 def add_search_space_flags(parser: argparse.ArgumentParser) -> None:
-    """train_search.py's flags of PC-DARTS's partial channels and edge normalisation, and
-    the architecture warm-up."""
+    """train_search.py's flags of the operation space, PC-DARTS's partial channels and
+    edge normalisation, and the architecture warm-up."""
+    parser.add_argument("--space", default="darts", metavar="SPACE",
+                        help="the candidate operations of every edge: darts (DARTS's 8), or a "
+                             "stress space of RobustDARTS (Zela et al., ICLR 2020), as their "
+                             "release defines it: s1 (its own pair of operations on each edge), "
+                             "s2 (skip_connect, sep_conv_3x3), s3 (none, skip_connect, "
+                             "sep_conv_3x3), s4 (noise, sep_conv_3x3); attentions stay where "
+                             "--location puts them.  One of: " + ", ".join(OPERATION_SPACES))
     parser.add_argument("--partial_channels", type=int, default=1, metavar="K",
                         help="PC-DARTS's partial channel connections: each edge's operations run "
                              "on 1/K of its input's channels, the rest bypass them (K must divide "
@@ -371,8 +401,9 @@ def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Run
     precision = Precision(args.amp, args.amp_dtype, runtime.device)
     network = Network(args.init_ch, halves.num_classes, args.layers, nn.CrossEntropyLoss(),
                       location, recompute=args.recompute, partial_channels=args.partial_channels,
-                      edge_norm=args.edge_norm, relaxation=args.relaxation,
-                      op_threshold=args.op_threshold, aux_skip=args.aux_skip)
+                      edge_norm=args.edge_norm, operation_space=args.space,
+                      relaxation=args.relaxation, op_threshold=args.op_threshold,
+                      aux_skip=args.aux_skip)
     network.to(runtime.device, memory_format=memory_format(args.channels_last))
     model = parallel.wrap(network, runtime, ignore=list(network.named_arch_parameters()))
     optimizer = torch.optim.SGD(network.weights(), args.lr, momentum=args.momentum,
@@ -398,8 +429,8 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
     if state is not None:
         halves.arch_batches.load_state_dict(state["arch_batches"])
         restore(state, path, network, net.optimizers, net.precision, runtime, args.seed)
-        log(f"resuming {run_dir} after epoch {state['epoch']}/{args.epochs}; {net.precision!r}; "
-            f"{modes}; collapse fixes: {describe_variant(args)}")
+        log(f"resuming {run_dir} after epoch {state['epoch']}/{args.epochs}; operation space "
+            f"{args.space}; {net.precision!r}; {modes}; collapse fixes: {describe_variant(args)}")
         summaries = list(state.get("epoch_summaries", []))
         stopped = state.get("early_stop")
         final = kept_genotype(summaries, stopped["kept_epoch"]) if stopped else network.genotype()
@@ -407,13 +438,15 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
                            genotype_from_dict(state["genotype"]), final)
     log(f"run directory {run_dir}")
     log(f"args {vars(args)}")
-    log(f"supernet: location {location}, {count_parameters(network) / 1e6:.6f} M "
+    log(f"supernet: location {location}, operation space {args.space}, "
+        f"{count_parameters(network) / 1e6:.6f} M "
         f"parameters (architecture included); {len(halves.weight_half)} images train the "
         f"weights, {len(halves.arch_half)} the architecture, {halves.num_classes} classes; "
         f"{runtime.world_size} process(es) on {runtime.device}, {net.precision!r}, "
         f"{'channels-last' if args.channels_last else 'contiguous'} layout, cells "
         f"{'recomputed in backward' if args.recompute else 'kept for backward'}, "
         f"{'second' if args.unrolled else 'first'} order")
+    log(describe_space(network))
     log(f"partial channels: {describe_partial_channels(args)}")
     log(f"collapse fixes: {describe_variant(args)}")
     log(modes)
@@ -429,7 +462,8 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
 
 
 # What a checkpoint written before these flags existed was searched with.
-EARLIER_FLAGS = {"partial_channels": 1, "edge_norm": False, "arch_warmup_epochs": 0}
+EARLIER_FLAGS = {"partial_channels": 1, "edge_norm": False, "arch_warmup_epochs": 0,
+                 "space": "darts"}
 
 
 def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
@@ -588,7 +622,7 @@ def end_of_epoch(net: Supernet, halves: SearchData, search_state: SearchState,
     if runtime.is_main:
         save_genotype(search_state.final, os.path.join(run_dir, GENOTYPE))
         record_epoch(run_dir, epoch + 1, record)
-    metrics.write(epoch + 1, row, {f"arch/{name}": heatmap_image(weights)
+    metrics.write(epoch + 1, row, {f"arch/{name}": heatmap_image(weights, record["candidates"][name])
                                    for name, weights in arch.items()} if metrics.writer else None)
     save_checkpoint(run_dir, runtime, network, net.optimizers, scheduler, net.precision,
                     epoch + 1, args, genotype, arch_batches=halves.arch_batches.state_dict(),

@@ -16,7 +16,8 @@ A run lives in its own directory (``--exp_path/<script>-<timestamp>``):
 
 Under torchrun every process trains on its shard, only rank 0 logs and writes, and
 metrics are summed over processes so they cover the whole split.  Evaluation is
-deterministic: a test script on ``trained.pt`` reproduces the accuracy of the run.
+deterministic: a test script on ``trained.pt`` reproduces the accuracy of the run (but for
+a cell with RobustDARTS's noise op, which draws fresh noise in evaluation too).
 """
 import argparse
 import os

@@ -9,7 +9,7 @@ from operations import OPS, FactorizedReduce, ReLUConvBN, is_identity_op
 
 SPEC_PRIMITIVES = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3",
                    "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
-SPEC_OPS = SPEC_PRIMITIVES + ["sep_conv_7x7", "conv_7x1_1x7"]
+SPEC_OPS = SPEC_PRIMITIVES + ["sep_conv_7x7", "conv_7x1_1x7", "noise"]
 
 
 def test_primitives_order_matches_spec():
@@ -67,6 +67,25 @@ def test_none_is_zero(stride):
     assert y.shape == (3, 5, 8 // stride, 8 // stride)
     assert torch.count_nonzero(y) == 0
     assert sum(p.numel() for p in op.parameters()) == 0
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_noise_is_fresh_standard_normal_whatever_the_input_and_mode(stride):
+    """RobustDARTS's NoiseOp(stride, 0, 1): N(0, 1) of x[:, :, ::stride, ::stride]'s
+    shape, the input discarded, in training and evaluation alike; no parameters."""
+    op = build_op("noise", 4, stride, True)
+    assert sum(p.numel() for p in op.parameters()) == 0 and not list(op.buffers())
+    x = torch.randn(64, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(0)
+    first = op(x)
+    torch.manual_seed(0)
+    assert torch.equal(op.eval()(x * 100.0), first)  # neither the input nor the mode count
+    assert first.shape == x[:, :, ::stride, ::stride].shape and first.dtype == x.dtype
+    assert not first.requires_grad
+    again = op.train()(x)
+    assert not torch.equal(again, first)  # fresh every call
+    samples = torch.cat([first.flatten(), again.flatten()])
+    assert abs(float(samples.mean())) < 0.05 and abs(float(samples.std()) - 1.0) < 0.05
 
 
 def test_skip_connect_identity_at_stride_1_and_reduce_at_stride_2():

@@ -72,7 +72,7 @@ def test_bad_partial_channels_is_one_clear_line(K_bad, message):
     with pytest.raises(ValueError, match=message):
         Network(C, 10, LAYERS, nn.CrossEntropyLoss(), "after_every", partial_channels=K_bad)
     args = argparse.Namespace(init_ch=C, layers=LAYERS, partial_channels=K_bad, edge_norm="auto",
-                              arch_warmup_epochs=0)
+                              arch_warmup_epochs=0, space="darts")
     with pytest.raises(UserError) as error:
         check_search_space_flags(args)
     assert "--partial_channels" in str(error.value) and "\n" not in str(error.value)
@@ -82,13 +82,14 @@ def test_edge_norm_follows_partial_channels_unless_given():
     resolved = []
     for K_given, edge_norm in [(1, "auto"), (4, "auto"), (4, False), (1, True)]:
         args = argparse.Namespace(init_ch=8, layers=LAYERS, partial_channels=K_given,
-                                  edge_norm=edge_norm, arch_warmup_epochs=15)
+                                  edge_norm=edge_norm, arch_warmup_epochs=15, space="darts")
         check_search_space_flags(args)
         resolved.append(args.edge_norm)
     assert resolved == [False, True, False, True]
     with pytest.raises(UserError, match="--arch_warmup_epochs"):
         check_search_space_flags(argparse.Namespace(init_ch=8, layers=3, partial_channels=1,
-                                                    edge_norm="auto", arch_warmup_epochs=-1))
+                                                    edge_norm="auto", arch_warmup_epochs=-1,
+                                                    space="darts"))
 
 
 # Two locations in the quick tier: attentions in the first stage (at C/K) and in the
