@@ -31,10 +31,12 @@ Tensors = Dict[str, torch.Tensor]
 
 class Architect:
     def __init__(self, model: nn.Module, weight_optimizer: torch.optim.SGD, arch_lr: float,
-                 arch_wd: float, unrolled: bool, capturable: bool = False):
+                 arch_wd: float, unrolled: bool, capturable: bool = False, grad_clip: float = 0.0):
         """``model``: the supernet, bare or wrapped in DataParallel/DDP.  ``capturable``:
         Adam keeps its step count on the device, so that a CUDA graph can hold the step
-        (CUDA only; on the CPU the count is a host number anyway)."""
+        (CUDA only; on the CPU the count is a host number anyway).  ``grad_clip`` > 0:
+        the architecture gradient's norm is clipped to it before each step (PC-DARTS's
+        ImageNet search)."""
         # functional_call needs the bare network: PyTorch refuses it on DataParallel,
         # and DDP's forward would synchronise buffers.  Under torchrun each process
         # runs this step on its own shard and the gradients are averaged here; with
@@ -43,6 +45,7 @@ class Architect:
         self.norms = batch_norms(self.network)
         self.weight_optimizer = weight_optimizer
         self.unrolled = unrolled
+        self.grad_clip = grad_clip
         self.optimizer = torch.optim.Adam(self.network.arch_parameters(), lr=arch_lr,
                                           betas=(0.5, 0.999), weight_decay=arch_wd, foreach=True,
                                           capturable=capturable)
@@ -160,6 +163,8 @@ class Architect:
             grads = self.first_order_gradient(x_valid, y_valid)
         for param, grad in zip(self.network.arch_parameters(), grads):
             param.grad = grad
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.network.arch_parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         broadcast_(self.network.arch_parameters())
