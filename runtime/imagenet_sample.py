@@ -164,11 +164,14 @@ def read_lists(run_dir: str, train_dir: str) -> Optional[Dict[str, List[str]]]:
     for part in PARTS:
         with open(list_path(run_dir, part)) as f:
             lists[part] = [line.rstrip("\n") for line in f if line.strip()]
-    firsts = {path.split("/", 1)[0]: path for part in PARTS for path in reversed(lists[part])}
+    firsts: Dict[str, str] = {}  # each class's first listed image
+    for part in PARTS:
+        for path in lists[part]:
+            firsts.setdefault(path.split("/", 1)[0], path)
     missing = next((path for path in firsts.values()
                     if not os.path.isfile(os.path.join(train_dir, path))), None)
     if missing is not None:
-        raise UserError(f"{list_path(run_dir, 'weights')} lists images that are not under "
+        raise UserError(f"the sample listed in {os.path.join(run_dir, SAMPLE_DIR)} is not under "
                         f"{train_dir} ({missing} is missing): resume with --data pointing at "
                         f"the ImageNet folder this search started with")
     return lists

@@ -44,12 +44,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # A search step of even a tiny supernet is slow on a CPU: its weights see a
     # tenth of the training split.
     # PC-DARTS's search on ImageNet and the Att-DARTS/DARTS ImageNet training (README,
-    # "Searching on ImageNet"): one search with train_search.py's preset of that name
-    # (its lists of 10% and 2.5% of every class, not --search_train_portion); a single
-    # cell needs no real selection, so one short epoch scores it on 5% of the training
-    # split; one final training with train_ImageNet.py's defaults, as both papers report.
+    # "Reproducing the paper's table"): one search with train_search.py's preset of that
+    # name (its samples of 10% and 2.5% of every class, not --search_train_portion), 128
+    # images per process (PC-DARTS's 1024 over 8 GPUs: --gpus_per_job 8); a single cell
+    # needs no real selection, so one epoch scores it on 5% of the training split; one
+    # final training with train_ImageNet.py's defaults, as both papers report one.
     "pc_darts_imagenet": dict(searches=1, search_epochs=50, search_init_ch=16, search_layers=8,
-                              search_batchsz=1024, search_train_portion=0.5, unrolled=False,
+                              search_batchsz=128, search_train_portion=0.5, unrolled=False,
                               select_epochs=1, select_init_ch=48, select_layers=14,
                               select_batchsz=128, holdout_portion=0.05,
                               finals=1, final_epochs=250, final_init_ch=48, final_layers=14,

@@ -185,7 +185,7 @@ def test_the_imagenet_pipeline_searches_with_the_preset_and_trains_with_the_imag
         tmp_path):
     options = pipeline_options(tmp_path, "--preset", "pc_darts_imagenet")
     settings = pipeline.resolve_settings(options)
-    assert settings["dataset"] == "imagenet" and settings["search_batchsz"] == 1024
+    assert settings["dataset"] == "imagenet" and settings["search_batchsz"] == 128
     [search] = pipeline.search_jobs(settings, options, str(tmp_path))
     assert search.script == "train_search.py"
     assert " --dataset imagenet " in " ".join(search.flags) + " "
