@@ -83,6 +83,14 @@ def test_a_resumed_search_reads_its_lists_and_never_lists_the_folder(tmp_path, m
         imagenet_sample.search_sample(str(tmp_path / "moved"), SAMPLE, 2, str(run))
 
 
+def test_a_prepared_folder_is_the_sample(tmp_path):
+    data = random_image_folder(tmp_path / "data", classes=2, train=3, val=2, size=(64, 80))
+    sample = imagenet_sample.search_sample(str(data), ["prepared"], 2, None)
+    assert (len(sample.weights), len(sample.architecture)) == (6, 4) and sample.lists is None
+    assert sample.weights.root.endswith("train") and sample.architecture.root.endswith("val")
+    assert sample.architecture[0][0].shape == (3, 224, 224)
+
+
 def test_folders_not_laid_out_like_imagenet_are_one_clear_line(tmp_path):
     flat = tmp_path / "flat" / "train"
     flat.mkdir(parents=True)
