@@ -41,8 +41,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   holdout_portion=0.5,
                   finals=10, final_epochs=600, final_init_ch=36, final_layers=20,
                   final_batchsz=96),
-    # A search step of even a tiny supernet is slow on a CPU: its weights see a
-    # tenth of the training split.
     # PC-DARTS's search on ImageNet and the Att-DARTS/DARTS ImageNet training (README,
     # "Reproducing the paper's table"): one search with train_search.py's preset of that
     # name (its samples of 10% and 2.5% of every class, not --search_train_portion), 128
@@ -55,6 +53,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                               select_batchsz=128, holdout_portion=0.05,
                               finals=1, final_epochs=250, final_init_ch=48, final_layers=14,
                               final_batchsz=128),
+    # A search step of even a tiny supernet is slow on a CPU: its weights see a
+    # tenth of the training split.
     "tiny": dict(searches=2, search_epochs=1, search_init_ch=4, search_layers=3,
                  search_batchsz=16, search_train_portion=0.1, unrolled=False,
                  select_epochs=1, select_init_ch=4, select_layers=3, select_batchsz=16,

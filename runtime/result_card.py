@@ -28,9 +28,6 @@ PAPER = {"cifar10": {"Att-DARTS": (2.54, 0.10, 3.2), "DARTS": (2.76, 0.09, 3.3)}
          "imagenet": {"Att-DARTS": (26.0, None, 4.6), "DARTS": (26.7, None, 4.7)}}
 
 
-IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenet": 224}
-
-
 def mean_std(values: List[float]) -> Dict[str, Any]:
     """Mean and sample standard deviation (0 for a single value), as the paper reports them."""
     mean = statistics.fmean(values)
@@ -62,18 +59,18 @@ def class_count(data: str, dataset: str) -> int:
     return 100 if dataset == "cifar100" else 10
 
 
-def network_cost(genotype_path: str, settings: Mapping[str, Any], classes: int) -> Dict[str, float]:
-    """Parameters (auxiliary head left out) and multiply-accumulates per image of the final network."""
+def network_cost(genotype_path: str, settings: Mapping[str, Any], classes: int) -> Dict[str, Any]:
+    """Parameters (auxiliary head left out) and multiply-accumulates per image of the final
+    network, and the image size they are counted at."""
     from genotypes import load_genotype
-    from model import NetworkCIFAR, NetworkImageNet
     from runtime.complexity import count_macs, count_parameters
-    imagenet = settings["dataset"] == "imagenet"
-    network = (NetworkImageNet if imagenet else NetworkCIFAR)(
-        settings["final_init_ch"], classes, settings["final_layers"], True,
-        load_genotype(genotype_path))
-    size = IMAGE_SIZE[settings["dataset"]]
+    from runtime.training import build_network, input_size_of
+    final = argparse.Namespace(init_ch=settings["final_init_ch"], layers=settings["final_layers"],
+                               auxiliary=True)
+    network = build_network(final, settings["dataset"], classes, load_genotype(genotype_path))
+    size = input_size_of(settings["dataset"])
     return {"params_M": count_parameters(network) / 1e6,
-            "macs_M": count_macs(network, (3, size, size)) / 1e6}
+            "macs_M": count_macs(network, size) / 1e6, "input": f"{size[1]}x{size[2]}"}
 
 
 def draw(genotype_path: str, directory: str) -> List[str]:
@@ -184,7 +181,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
         lines += ["", f"Selected cell: {selected['job']} ({selected['genotype_path']}), "
                       f"{selected['params_M']:.3f} M parameters (auxiliary head left out), "
                       f"{selected['macs_M']:.1f} M multiply-accumulates per "
-                      f"{IMAGE_SIZE[settings['dataset']]}x{IMAGE_SIZE[settings['dataset']]} image; "
+                      f"{selected['input']} image; "
                       f"drawings: {', '.join(selected['drawings']) or 'none (visualize.py failed)'}"]
     lines += ["", "## Final trainings", "", "| training | seed | test error (%) |", "|:--|:--:|:--:|"]
     lines += [f"| {final['job']} | {final['seed']} | {_number(final['test_error'])} |"
