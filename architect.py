@@ -35,11 +35,13 @@ Tensors = Dict[str, torch.Tensor]
 class Architect:
     def __init__(self, model: nn.Module, weight_optimizer: torch.optim.SGD, arch_lr: float,
                  arch_wd: float, unrolled: bool, capturable: bool = False,
-                 variant: Optional[Variant] = None):
+                 variant: Optional[Variant] = None, grad_clip: float = 0.0):
         """``model``: the supernet, bare or wrapped in DataParallel/DDP.  ``capturable``:
         Adam keeps its step count on the device, so that a CUDA graph can hold the step
         (CUDA only; on the CPU the count is a host number anyway).  ``variant``: the
-        collapse fixes of the search (runtime/collapse_fixes.py), if any."""
+        collapse fixes of the search (runtime/collapse_fixes.py), if any.  ``grad_clip`` > 0:
+        the architecture gradient's norm is clipped to it before each step (PC-DARTS's
+        ImageNet search)."""
         # functional_call needs the bare network: PyTorch refuses it on DataParallel,
         # and DDP's forward would synchronise buffers.  Under torchrun each process
         # runs this step on its own shard and the gradients are averaged here; with
@@ -49,6 +51,7 @@ class Architect:
         self.weight_optimizer = weight_optimizer
         self.unrolled = unrolled
         self.variant = variant
+        self.grad_clip = grad_clip
         self.optimizer = torch.optim.Adam(self.network.arch_parameters(), lr=arch_lr,
                                           betas=(0.5, 0.999), weight_decay=arch_wd, foreach=True,
                                           capturable=capturable)
@@ -182,6 +185,8 @@ class Architect:
         grads = self.architecture_gradient(x_train, y_train, x_valid, y_valid, lr)
         for param, grad in zip(self.network.arch_parameters(), grads):
             param.grad = grad
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.network.arch_parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         broadcast_(self.network.arch_parameters())

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from attentions import ATTENTIONS, build_attention, upgrade_legacy_keys
 from genotypes import Genotype, edge_nodes
-from operations import OPS, FactorizedReduce, ReLUConvBN, halve, is_identity_op
+from operations import OPS, FactorizedReduce, ReLUConvBN, halve, imagenet_stems, is_identity_op
 from runtime.errors import UserError
 
 
@@ -221,18 +221,7 @@ class NetworkImageNet(_Network):
     def __init__(self, C: int, num_classes: int, layers: int, auxiliary: bool,
                  genotype: Genotype, image_size: int = 224):
         super().__init__()
-        self.stem0 = nn.Sequential(
-            nn.Conv2d(3, C // 2, kernel_size=3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(C // 2),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(C),
-        )
-        self.stem1 = nn.Sequential(
-            nn.ReLU(inplace=True),
-            nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(C),
-        )
+        self.stem0, self.stem1 = imagenet_stems(C)
         size = halve(halve(halve(image_size)))  # the three stride-2 stem convs
         C_prev, C_aux = self._build_cells(genotype, layers, C, C, C, True, size,
                                           auxiliary, num_classes)

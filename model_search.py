@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from attentions import ATTENTIONS, build_attention
 from genotypes import ATTN_PRIMITIVES, PRIMITIVES, Genotype, space_operations
-from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, halve
+from operations import OPS, FactorizedReduce, ReLUConvBN, ReLUFirst, halve, imagenet_stems
 from runtime.recompute import BATCH_NORMS, RecomputedPart
 
 # Prefix of PC-DARTS's per-edge architecture parameters (edge normalisation), apart
@@ -547,14 +547,9 @@ class Network(nn.Module):
             if stage is not None}
 
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
-            nn.BatchNorm2d(C_curr),
-        )
-        size = image_size
+        size, reduction_prev = self._build_stem(C_curr, image_size)
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
-        reduction_prev = False
         for i in range(layers):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
@@ -569,6 +564,20 @@ class Network(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
         self._initialize_arch_parameters()
+
+    def _build_stem(self, C_stem: int, image_size: int) -> Tuple[int, bool]:
+        """The stem (3 -> ``C_stem`` channels); returns the spatial size the first cell
+        sees and whether its earlier input (``s0``) has twice that size."""
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, C_stem, 3, padding=1, bias=False),
+            nn.BatchNorm2d(C_stem),
+        )
+        return image_size, False
+
+    def stem_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The first cell's two inputs (s0, s1)."""
+        s = self.stem(x)
+        return s, s
 
     def _initialize_arch_parameters(self) -> None:
         num_edges = sum(2 + i for i in range(self.steps))
@@ -664,7 +673,7 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = {"normal": self._cell_weights("normal"), "reduce": self._cell_weights("reduce")}
         recompute = self.recompute and self.training and torch.is_grad_enabled()
-        s0 = s1 = self.stem(x)
+        s0, s1 = self.stem_outputs(x)
         for cell in self.cells:
             cell_weights = weights["reduce" if cell.reduction else "normal"]
             s0, s1 = s1, cell(s0, s1, *cell_weights, recompute=recompute)
@@ -727,6 +736,31 @@ class Network(nn.Module):
         threshold = self.op_threshold if self.relaxation == "sigmoid" else None
         return derive_genotype(weights, self.edge_candidates, self.space.cell_end, self.steps,
                                self._multiplier, self.operation_space, threshold)
+
+
+class NetworkImageNet(Network):
+    """PC-DARTS's ImageNet supernet (their model_search_imagenet.py): ``Network``'s
+    cells, attention mixtures, partial channels and edge weights behind a stride-8 stem
+    in two parts, as DARTS's ImageNet networks have: ``stem0`` (3x3/2 conv to half the
+    stem width, BN, ReLU, 3x3/2 conv, BN) gives the first cell's earlier input ``s0``
+    at 1/4 of the image, ``stem1`` (ReLU, 3x3/2 conv, BN) its input ``s1`` at 1/8, so
+    the first cell reduces ``s0`` (FactorizedReduce).  At 224 pixels the cells see
+    28, 14 and 7 (reductions at a third and two thirds of the cells); the head is
+    ``Network``'s global average pool and classifier."""
+
+    def __init__(self, C: int, num_classes: int, layers: int, criterion: nn.Module,
+                 location: "AttLocation | str" = AttLocation.AFTER_EVERY, image_size: int = 224,
+                 **kwargs):
+        super().__init__(C, num_classes, layers, criterion, location, image_size=image_size,
+                         **kwargs)
+
+    def _build_stem(self, C_stem: int, image_size: int) -> Tuple[int, bool]:
+        self.stem0, self.stem1 = imagenet_stems(C_stem)
+        return halve(halve(halve(image_size))), True
+
+    def stem_outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        s0 = self.stem0(x)
+        return s0, self.stem1(s0)
 
 
 def derive_genotype(weights: Dict[str, Sequence[Optional[torch.Tensor]]],

@@ -266,6 +266,25 @@ OPS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def imagenet_stems(C: int) -> Tuple[nn.Sequential, nn.Sequential]:
+    """DARTS's ImageNet stem in two parts, 3 -> C channels at 1/8 of the image: stem0
+    (3x3 stride-2 conv to C/2, BN, ReLU, 3x3 stride-2 conv to C, BN), then stem1 (ReLU,
+    3x3 stride-2 conv, BN); the first cell takes both outputs."""
+    stem0 = nn.Sequential(
+        nn.Conv2d(3, C // 2, kernel_size=3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C // 2),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C),
+    )
+    stem1 = nn.Sequential(
+        nn.ReLU(inplace=True),
+        nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C),
+    )
+    return stem0, stem1
+
+
 def halve(size: int) -> int:
     """Spatial size after a stride-2 op with 'same' padding."""
     return (size + 1) // 2

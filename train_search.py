@@ -8,11 +8,14 @@
         --arch_lr 6e-4 --arch_warmup_epochs 15   # PC-DARTS's search settings
     python train_search.py --beta_decay 50 --aux_skip --perturb_alpha random
                                                  # collapse fixes (runtime/collapse_fixes.py), combined
+    python train_search.py --preset pc_darts_imagenet --data /path/to/imagenet
+                                                 # PC-DARTS's search on ImageNet, with attention
 
 Writes, in a new directory under --exp_path: log.txt, genotype.json (every epoch),
 arch_history.jsonl (softmaxed alpha/beta/gamma, metrics and diagnostics per epoch, for
 plot_search.py), metrics.csv (plus TensorBoard logs when tensorboard is installed) and
-checkpoint.pt (resume with --checkpoint_path).
+checkpoint.pt (resume with --checkpoint_path); an ImageNet search also its sample's
+file lists (imagenet_sample/).
 """
 import argparse
 
@@ -24,13 +27,24 @@ from runtime.errors import run_cli
 from runtime.precision import add_precision_flags
 
 parser = argparse.ArgumentParser(
-    description="Att-DARTS architecture search on CIFAR (or an image folder).",
+    description="Att-DARTS architecture search on CIFAR, an image folder, or ImageNet "
+                "(PC-DARTS's ImageNet supernet).",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--data", default="data",
                     help="dataset root: torchvision's CIFAR files (downloaded there if missing), or a "
-                         "folder holding train/<class>/ images (any classes, resized to 32x32)")
-parser.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10",
-                    help="which CIFAR to download/normalise for (ignored for class counts of a folder)")
+                         "folder holding train/<class>/ images (any classes, resized to 32x32); "
+                         "with --dataset imagenet, ImageNet's folder (train/<wnid>/)")
+parser.add_argument("--dataset", choices=["cifar10", "cifar100", "imagenet"], default="cifar10",
+                    help="which CIFAR to download/normalise for (ignored for class counts of a "
+                         "folder); imagenet: PC-DARTS's ImageNet supernet (stride-8 stem, 224x224 "
+                         "crops) on per-class samples of --data's train/ (--imagenet_sample)")
+parser.add_argument("--imagenet_sample", nargs="+", default=["0.1", "0.025"],
+                    metavar="FRACTION",
+                    help="--dataset imagenet: the fractions of every class of train/ drawn (with "
+                         "--seed) to train the weights and, disjoint, the architecture, written "
+                         "to the run directory as file lists and read back on resume; 'prepared': "
+                         "--data already is the sample, train/ for the weights and val/ for the "
+                         "architecture (--train_portion does not apply)")
 parser.add_argument("--batchsz", type=int, default=64, help="batch size per process, for both halves")
 parser.add_argument("--lr", type=float, default=0.025, help="initial learning rate of the weights")
 parser.add_argument("--lr_min", type=float, default=0.001, help="final weight learning rate (cosine)")
@@ -64,13 +78,14 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
                          "turn it on for a small card or a wide supernet)")
 add_cuda_graph_flag(parser)
 searching.add_search_space_flags(parser)
+searching.add_preset_flag(parser)
 searching.add_collapse_flags(parser)
 add_variant_flags(parser)
 add_precision_flags(parser, channels_last_default="auto")
 
 
 def main() -> None:
-    searching.search(parser.parse_args())
+    searching.search(searching.parse_search_args(parser))
 
 
 if __name__ == "__main__":

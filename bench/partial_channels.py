@@ -4,10 +4,14 @@ at K that fits the memory K=1 needs, and the ATen ops one iteration dispatches.
 
     python bench/partial_channels.py                      # K=4 vs 1, batch 64, C=16, 8 cells
     python bench/partial_channels.py --layers 5 --time_batch 16   # shorter
+    python bench/partial_channels.py --dataset imagenet --location after_every \
+        --batch 16 --time_batch 8                         # the ImageNet search: K=2 vs 1
 
 One iteration is train_search.py's (``searching.search_step``: architecture step, then
-weight step), first order, cells kept for backward (the GPU default), random 32x32
-images.  Memory: the peak bytes of tensor storages alive during the iteration, followed
+weight step), first order, cells kept for backward (the GPU default), random images:
+32x32 and 10 classes for the CIFAR supernet, 224x224 and 1000 classes for the ImageNet
+one (``--dataset imagenet``: ``NetworkImageNet``, K defaulting to the one of
+train_search.py's --preset pc_darts_imagenet).  Memory: the peak bytes of tensor storages alive during the iteration, followed
 op by op (``complexity.LiveTensorBytes``: weights, optimizer state and batches
 included), exact and independent of the machine's load.  Time: the median of
 ``--steps`` iterations after a warm-up, K=1 and K alternating so that a shared CPU's
@@ -25,15 +29,19 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from architect import Architect  # noqa: E402
-from model_search import Network  # noqa: E402
+from model_search import Network, NetworkImageNet  # noqa: E402
 from runtime.complexity import LiveTensorBytes  # noqa: E402
 from runtime.dispatch import OpCounter  # noqa: E402
 from runtime.precision import Precision  # noqa: E402
-from runtime.searching import search_step  # noqa: E402
+from runtime.searching import SEARCH_PRESETS, search_step  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--partial_channels", type=int, default=4, help="K compared with K=1")
+parser.add_argument("--dataset", choices=["cifar10", "imagenet"], default="cifar10",
+                    help="which supernet: CIFAR's, or ImageNet's (stride-8 stem, 224x224 images)")
+parser.add_argument("--partial_channels", type=int, default=None,
+                    help="K compared with K=1 (default: 4, PC-DARTS's CIFAR K; with --dataset "
+                         "imagenet the K of --preset pc_darts_imagenet)")
 parser.add_argument("--location", default="no_attention", help="attention location")
 parser.add_argument("--batch", type=int, default=64, help="batch of the memory comparison")
 parser.add_argument("--time_batch", type=int, default=32, help="batch of the timed iterations")
@@ -43,6 +51,8 @@ parser.add_argument("--steps", type=int, default=3, help="timed iterations per K
 parser.add_argument("--batch_step", type=int, default=8, help="granularity of the largest batch")
 
 CPU = torch.device("cpu")
+SIZE = {"cifar10": 32, "imagenet": 224}
+CLASSES = {"cifar10": 10, "imagenet": 1000}
 Iteration = Callable[[int], None]
 
 
@@ -50,16 +60,19 @@ def iteration_of(args: argparse.Namespace, K: int) -> Tuple[Network, Iteration]:
     """A supernet with K partial channels (edge normalisation with K > 1) and a function
     running one search iteration on random batches of a given size."""
     torch.manual_seed(0)
-    network = Network(args.init_ch, 10, args.layers, nn.CrossEntropyLoss(), args.location,
-                      partial_channels=K, edge_norm=K > 1).train()
+    supernet = NetworkImageNet if args.dataset == "imagenet" else Network
+    network = supernet(args.init_ch, CLASSES[args.dataset], args.layers, nn.CrossEntropyLoss(),
+                       args.location, image_size=SIZE[args.dataset], partial_channels=K,
+                       edge_norm=K > 1).train()
     optimizer = torch.optim.SGD(network.weights(), 0.1, momentum=0.9, weight_decay=3e-4,
                                 foreach=True)
     architect = Architect(network, optimizer, 6e-4, 1e-3, unrolled=False)
     precision = Precision(False, "bfloat16", CPU)
 
     def run(batch: int) -> None:
-        images = torch.randn(2, batch, 3, 32, 32)
-        targets = torch.randint(0, 10, (2, batch))
+        size = SIZE[args.dataset]
+        images = torch.randn(2, batch, 3, size, size)
+        targets = torch.randint(0, CLASSES[args.dataset], (2, batch))
         search_step(network, architect, optimizer, precision, (images[0], targets[0]),
                     (images[1], targets[1]), 0.1, 5.0)
     return network, run
@@ -98,6 +111,9 @@ def op_count(run: Iteration) -> int:
 
 def main() -> None:
     args = parser.parse_args()
+    if args.partial_channels is None:
+        args.partial_channels = (SEARCH_PRESETS["pc_darts_imagenet"]["partial_channels"]
+                                 if args.dataset == "imagenet" else 4)
     K = args.partial_channels
     started = time.time()
     runs: Dict[int, Tuple[Network, Iteration]] = {k: iteration_of(args, k) for k in (1, K)}
@@ -117,7 +133,8 @@ def main() -> None:
     ops = {k: op_count(runs[k][1]) for k in (1, K)}
     median = {k: statistics.median(seconds[k]) for k in (1, K)}
     mib = 2 ** 20
-    print(f"partial channels K={K} vs K=1: {args.location}, C={args.init_ch}, {args.layers} cells, "
+    print(f"partial channels K={K} vs K=1: {args.dataset} supernet ({SIZE[args.dataset]}x"
+          f"{SIZE[args.dataset]} images), {args.location}, C={args.init_ch}, {args.layers} cells, "
           f"first order, cells kept; {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} at the end, {time.time() - started:.0f}s in all")
     print(f"| | K=1 | K={K} | K={K} / K=1 |")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler
 from tqdm import tqdm
 
 from genotypes import Genotype, genotype_to_dict
@@ -240,6 +240,23 @@ def weight_step(loss: torch.Tensor, optimizer: Optimizer, parameters: Iterable[n
 def cosine_schedule(epochs: int, lr_min: float = 0.0) -> Callable[[Optimizer], LRScheduler]:
     """The learning rate follows a cosine from its initial value to ``lr_min`` over the epochs."""
     return lambda optimizer: CosineAnnealingLR(optimizer, float(epochs), eta_min=lr_min)
+
+
+def warmed_up_cosine_schedule(epochs: int, lr_min: float,
+                              warmup_epochs: int) -> Callable[[Optimizer], LRScheduler]:
+    """PC-DARTS's ImageNet search schedule: epoch e < ``warmup_epochs`` runs at
+    lr (e + 1) / warmup_epochs (a linear warm-up), every later epoch where the cosine
+    from lr to ``lr_min`` over all the epochs stands (in closed form)."""
+    def make(optimizer: Optimizer) -> LRScheduler:
+        base = optimizer.param_groups[0]["lr"]
+
+        def factor(epoch: int) -> float:
+            if epoch < warmup_epochs:
+                return (epoch + 1) / warmup_epochs
+            cosine = lr_min + (base - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+            return cosine / base if base else 0.0
+        return LambdaLR(optimizer, factor)
+    return make
 
 
 def resumed_schedule(make_scheduler: Callable[[Optimizer], LRScheduler], optimizer: Optimizer,

@@ -4,7 +4,7 @@
 2. select: each found cell trained briefly from scratch on part of the training split
    and scored on the held-out rest (``--holdout_portion``; never the test split);
 3. final: the best-scoring cell trained from scratch once per seed;
-4. test: test_CIFAR10/100.py on each final network's ``trained.pt``;
+4. test: test_CIFAR10/100.py (test_imagenet.py) on each final network's ``trained.pt``;
 
 then the mean ± std of the test errors, in the result card (runtime/result_card.py).
 
@@ -42,6 +42,18 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   holdout_portion=0.5,
                   finals=10, final_epochs=600, final_init_ch=36, final_layers=20,
                   final_batchsz=96),
+    # PC-DARTS's search on ImageNet and the Att-DARTS/DARTS ImageNet training (README,
+    # "Reproducing the paper's table"): one search with train_search.py's preset of that
+    # name (its samples of 10% and 2.5% of every class, not --search_train_portion), 128
+    # images per process (PC-DARTS's 1024 over 8 GPUs: --gpus_per_job 8); a single cell
+    # needs no real selection, so one epoch scores it on 5% of the training split; one
+    # final training with train_ImageNet.py's defaults, as both papers report one.
+    "pc_darts_imagenet": dict(searches=1, search_epochs=50, search_init_ch=16, search_layers=8,
+                              search_batchsz=128, search_train_portion=0.5, unrolled=False,
+                              select_epochs=1, select_init_ch=48, select_layers=14,
+                              select_batchsz=128, holdout_portion=0.05,
+                              finals=1, final_epochs=250, final_init_ch=48, final_layers=14,
+                              final_batchsz=128),
     # A search step of even a tiny supernet is slow on a CPU: its weights see a
     # tenth of the training split.
     "tiny": dict(searches=2, search_epochs=1, search_init_ch=4, search_layers=3,
@@ -51,7 +63,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  finals=2, final_epochs=1, final_init_ch=4, final_layers=3, final_batchsz=16),
 }
 TRAIN_SCRIPTS = {"cifar10": ("train_CIFAR10.py", "test_CIFAR10.py"),
-                 "cifar100": ("train_CIFAR100.py", "test_CIFAR100.py")}
+                 "cifar100": ("train_CIFAR100.py", "test_CIFAR100.py"),
+                 "imagenet": ("train_ImageNet.py", "test_imagenet.py")}
 TEST_ERROR = re.compile(r"test top-1 acc ([\d.]+)% \((\d+)/(\d+)\), error ([\d.]+)%")
 
 
@@ -64,7 +77,8 @@ def add_reproduce_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None,
                         help="pipeline directory: state, jobs, result card; rerunning the "
                              "command with it continues the pipeline (default: exp/reproduce-PRESET)")
-    parser.add_argument("--dataset", default="cifar10", choices=sorted(TRAIN_SCRIPTS))
+    parser.add_argument("--dataset", default=None, choices=sorted(TRAIN_SCRIPTS),
+                        help="default: imagenet for --preset pc_darts_imagenet, else cifar10")
     parser.add_argument("--data", default="data", help="dataset root, as for every script")
     parser.add_argument("--seed", type=int, default=2,
                         help="seed of the first search and final training; the others count up")
@@ -98,7 +112,11 @@ def resolve_settings(options: argparse.Namespace) -> Dict[str, Any]:
     for key in settings:
         if getattr(options, key, None) is not None:
             settings[key] = getattr(options, key)
-    settings.update(dataset=options.dataset, seed=options.seed, location=options.location,
+    dataset = options.dataset or ("imagenet" if options.preset == "pc_darts_imagenet" else "cifar10")
+    if options.preset == "pc_darts_imagenet" and dataset != "imagenet":
+        raise UserError(f"--preset {options.preset} searches and trains on ImageNet, not "
+                        f"{dataset}: leave out --dataset, or choose another preset")
+    settings.update(dataset=dataset, seed=options.seed, location=options.location,
                     space=options.space, partial_channels=options.partial_channels,
                     search_args=options.search_args, train_args=options.train_args)
     if options.space is not None:
@@ -177,10 +195,15 @@ def common_flags(settings: Mapping[str, Any], options: argparse.Namespace, stage
 
 
 def search_jobs(settings: Mapping[str, Any], options: argparse.Namespace, directory: str) -> List[Job]:
-    """One train_search.py per seed, with the order, location and extra search flags."""
+    """One train_search.py per seed, with the dataset, order, location and extra search
+    flags (ImageNet: the sample of train_search.py's --imagenet_sample instead of
+    --train_portion, and its --preset where this pipeline's preset is one of them)."""
+    from runtime.searching import SEARCH_PRESETS
     flags = common_flags(settings, options, "search") + [
-        "--epochs", str(settings["search_epochs"]),
-        "--train_portion", str(settings["search_train_portion"])]
+        "--dataset", settings["dataset"], "--epochs", str(settings["search_epochs"])]
+    if settings["dataset"] != "imagenet":
+        flags += ["--train_portion", str(settings["search_train_portion"])]
+    flags += ["--preset", options.preset] if options.preset in SEARCH_PRESETS else []
     flags += ["--unrolled"] if settings["unrolled"] else []
     flags += ["--location", settings["location"]] if settings["location"] else []
     flags += ["--space", settings["space"]] if settings.get("space") else []
@@ -198,7 +221,8 @@ def training_job(settings: Mapping[str, Any], options: argparse.Namespace, direc
     """A selection or final training of the cell in ``genotype_path``."""
     flags = common_flags(settings, options, stage) + [
         "--arch_path", genotype_path, "--epochs", str(settings[f"{stage}_epochs"]),
-        "--seed", str(seed), "--auxiliary", "--cutout", *extra,
+        "--seed", str(seed), "--auxiliary",
+        *(["--cutout"] if settings["dataset"] != "imagenet" else []), *extra,
         *shlex.split(settings["train_args"])]
     return Job(name, stage, TRAIN_SCRIPTS[settings["dataset"]][0], flags, job_dir(directory, name))
 

@@ -24,8 +24,10 @@ CARD_MD = "RESULTS.md"
 CARD_JSON = "results.json"
 STAGES = ("search", "select", "final", "test")
 # README.md, "Results reported in the paper": test error (%) mean ± std, params (M).
+# ImageNet: top-1 error of a single training (no std reported).
 PAPER = {"cifar10": {"Att-DARTS": (2.54, 0.10, 3.2), "DARTS": (2.76, 0.09, 3.3)},
-         "cifar100": {"Att-DARTS": (16.54, 0.40, 3.2), "DARTS": (16.69, 0.28, 3.3)}}
+         "cifar100": {"Att-DARTS": (16.54, 0.40, 3.2), "DARTS": (16.69, 0.28, 3.3)},
+         "imagenet": {"Att-DARTS": (26.0, None, 4.6), "DARTS": (26.7, None, 4.7)}}
 
 
 def mean_std(values: List[float]) -> Dict[str, Any]:
@@ -59,15 +61,18 @@ def class_count(data: str, dataset: str) -> int:
     return 100 if dataset == "cifar100" else 10
 
 
-def network_cost(genotype_path: str, settings: Mapping[str, Any], classes: int) -> Dict[str, float]:
-    """Parameters (auxiliary head left out) and multiply-accumulates per image of the final network."""
+def network_cost(genotype_path: str, settings: Mapping[str, Any], classes: int) -> Dict[str, Any]:
+    """Parameters (auxiliary head left out) and multiply-accumulates per image of the final
+    network, and the image size they are counted at."""
     from genotypes import load_genotype
-    from model import NetworkCIFAR
     from runtime.complexity import count_macs, count_parameters
-    network = NetworkCIFAR(settings["final_init_ch"], classes, settings["final_layers"], True,
-                           load_genotype(genotype_path))
+    from runtime.training import build_network, input_size_of
+    final = argparse.Namespace(init_ch=settings["final_init_ch"], layers=settings["final_layers"],
+                               auxiliary=True)
+    network = build_network(final, settings["dataset"], classes, load_genotype(genotype_path))
+    size = input_size_of(settings["dataset"])
     return {"params_M": count_parameters(network) / 1e6,
-            "macs_M": count_macs(network, (3, 32, 32)) / 1e6}
+            "macs_M": count_macs(network, size) / 1e6, "input": f"{size[1]}x{size[2]}"}
 
 
 def draw(genotype_path: str, directory: str) -> List[str]:
@@ -184,7 +189,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
                  f"{error['text'] if error else '…'} | "
                  f"{_number(selected and selected['params_M'])} |")
     for name, (mean, std, params) in summary["paper"].items():
-        lines.append(f"| {name}, paper | {mean:.2f} ± {std:.2f} | {params} |")
+        spread = f" ± {std:.2f}" if std is not None else ""
+        lines.append(f"| {name}, paper | {mean:.2f}{spread} | {params} |")
     lines += ["", "## Searches and selection", "", selection_rule(settings), "",
               "| search | seed | held-out accuracy (%) | genotype |", "|:--|:--:|:--:|:--|"]
     for search in summary["searches"]:
@@ -195,7 +201,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
     if selected:
         lines += ["", f"Selected cell: {selected['job']} ({selected['genotype_path']}), "
                       f"{selected['params_M']:.3f} M parameters (auxiliary head left out), "
-                      f"{selected['macs_M']:.1f} M multiply-accumulates per 32x32 image; "
+                      f"{selected['macs_M']:.1f} M multiply-accumulates per "
+                      f"{selected['input']} image; "
                       f"drawings: {', '.join(selected['drawings']) or 'none (visualize.py failed)'}"]
     lines += ["", "## Final trainings", "", "| training | seed | test error (%) |", "|:--|:--:|:--:|"]
     lines += [f"| {final['job']} | {final['seed']} | {_number(final['test_error'])} |"

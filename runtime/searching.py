@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from architect import Architect
 from genotypes import (OPERATION_SPACES, Genotype, check_space, genotype_from_dict,
                        genotype_to_dict, save_genotype)
-from model_search import EDGE_WEIGHTS, AttLocation, Network, check_partial_channels, node_sizes
-from runtime import curvature, data, parallel
+from model_search import (EDGE_WEIGHTS, AttLocation, Network, NetworkImageNet,
+                          check_partial_channels, node_sizes)
+from runtime import curvature, data, imagenet_sample, parallel
 from runtime.collapse_fixes import EARLIER_FLAGS as VARIANT_FLAGS
 from runtime.collapse_fixes import Variant, check_variant_flags
 from runtime.collapse_fixes import describe as describe_variant
@@ -50,7 +51,7 @@ from runtime.errors import UserError
 from runtime.experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint_file,
                                 cosine_schedule, evaluate, load_checkpoint, progress, restore,
                                 resumed_schedule, run_directory, run_epoch, save_checkpoint,
-                                set_seed, to_device, weight_step)
+                                set_seed, to_device, warmed_up_cosine_schedule, weight_step)
 from runtime.history import record_epoch
 from runtime.metrics import Metrics, heatmap_image
 from runtime.parallel import Runtime
@@ -251,9 +252,9 @@ def check_search_space_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--partial_channels: {error} (--init_ch {args.init_ch})") from None
     if args.edge_norm == "auto":
         args.edge_norm = args.partial_channels > 1
-    if args.arch_warmup_epochs < 0:
-        raise UserError(f"--arch_warmup_epochs must be 0 (no warm-up) or a number of epochs, "
-                        f"got {args.arch_warmup_epochs}")
+    for flag in ("arch_warmup_epochs", "lr_warmup_epochs", "arch_grad_clip"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be 0 (off) or positive, got {getattr(args, flag)}")
 
 
 def add_search_space_flags(parser: argparse.ArgumentParser) -> None:
@@ -276,7 +277,62 @@ def add_search_space_flags(parser: argparse.ArgumentParser) -> None:
                              "ranks it in the genotype ('auto': on with --partial_channels > 1)")
     parser.add_argument("--arch_warmup_epochs", type=int, default=0, metavar="N",
                         help="freeze the architecture for the first N epochs: weight steps only, "
-                             "no batch of the architecture half fetched (PC-DARTS: 15)")
+                             "no batch of the architecture half fetched (PC-DARTS: 15 on CIFAR, "
+                             "35 on ImageNet)")
+    parser.add_argument("--lr_warmup_epochs", type=int, default=0, metavar="N",
+                        help="the weights' learning rate rises linearly over the first N epochs, "
+                             "lr x (epoch + 1) / N, then follows the cosine where it stands "
+                             "(PC-DARTS's ImageNet search: 5); 0: the cosine from the start")
+    parser.add_argument("--arch_grad_clip", type=float, default=0.0,
+                        help="clip the norm of the architecture gradient to this before each "
+                             "Adam step (PC-DARTS's ImageNet search: 5); 0: no clipping")
+
+
+# PC-DARTS's ImageNet search (Xu et al., ICLR 2020) as their release's
+# train_search_imagenet.py runs it; README, "Searching on ImageNet", gives the source of
+# every value.  --location stays the user's (no_attention is PC-DARTS's own space).
+SEARCH_PRESETS: Dict[str, Dict[str, Any]] = {
+    "pc_darts_imagenet": dict(
+        dataset="imagenet", imagenet_sample=["0.1", "0.025"], epochs=50, init_ch=16, layers=8,
+        batchsz=1024, lr=0.5, lr_min=0.0, lr_warmup_epochs=5, momentum=0.9, wd=3e-4,
+        grad_clip=5.0, arch_lr=6e-3, arch_wd=1e-3, arch_grad_clip=5.0, arch_warmup_epochs=35,
+        partial_channels=2, edge_norm=True),
+}
+
+
+def add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    """train_search.py's --preset (read by ``parse_search_args``)."""
+    def flag(name: str, value: Any) -> str:
+        if isinstance(value, bool):
+            return f"--{name}" if value else f"--no-{name}"
+        return f"--{name} {' '.join(value) if isinstance(value, list) else value}"
+    described = "; ".join(f"{name}: " + " ".join(flag(*item) for item in values.items())
+                          for name, values in SEARCH_PRESETS.items())
+    parser.add_argument("--preset", default=None, choices=sorted(SEARCH_PRESETS),
+                        help=f"settings of a published search, standing in for the defaults of "
+                             f"the flags not given ({described}: PC-DARTS's ImageNet search, "
+                             f"from their train_search_imagenet.py; see the README)")
+
+
+def parse_search_args(parser: argparse.ArgumentParser,
+                      argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """train_search.py's flags: those given, the --preset's values for the others, the
+    defaults for the rest."""
+    preset = parser.parse_known_args(argv)[0].preset
+    # argparse leaves alone what the namespace already holds, unless a flag is given.
+    return parser.parse_args(argv, namespace=argparse.Namespace(**SEARCH_PRESETS.get(preset, {})))
+
+
+def search_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
+    """``--channels_last`` resolved.  ``auto`` stays off for an ImageNet supernet on the
+    CPU whose stem is narrower than 16 channels (--init_ch 5 or less): with torch 2.14.1,
+    oneDNN corrupts memory in the channels-last backward of a 1x1 stride-2 convolution
+    with fewer than 16 input channels at 48x48 pixels and more, which the first cell's
+    FactorizedReduce of stem0's 56x56 output then is."""
+    if (args.channels_last == "auto" and args.dataset == "imagenet" and device.type == "cpu"
+            and 3 * args.init_ch < 16):
+        return False
+    return resolve_channels_last(args.channels_last, device)
 
 
 def resolve_recompute(requested: "bool | str", device: torch.device) -> Tuple[bool, str]:
@@ -304,7 +360,7 @@ def search(args: argparse.Namespace) -> None:
     early_stop = early_stop_rule(args)
     runtime = parallel.setup()
     try:
-        args.channels_last = resolve_channels_last(args.channels_last, runtime.device)
+        args.channels_last = search_channels_last(args, runtime.device)
         args.recompute, recompute_reason = resolve_recompute(args.recompute, runtime.device)
         strict_graphs = args.cuda_graphs is True  # asked for: a failed capture stops the run
         args.cuda_graphs, graphs_reason = use_cuda_graphs(
@@ -325,7 +381,7 @@ def kept_genotype(summaries: List[Dict[str, Any]], epoch: int) -> Genotype:
 
 @dataclass
 class SearchData:
-    """The two halves of the training split and their loaders."""
+    """The two halves of the training split (or ImageNet's two samples) and their loaders."""
     weight_half: Dataset
     arch_half: Dataset
     num_classes: int
@@ -333,6 +389,8 @@ class SearchData:
     arch_batches: data.CyclingLoader
     valid_loader: DataLoader
     hessian_images: int
+    origin: str = ""
+    sample_lists: Optional[Dict[str, List[str]]] = None  # an ImageNet sample to write
 
 
 @dataclass
@@ -366,11 +424,25 @@ class SearchState:
     final: Genotype
 
 
-def load_search_data(args: argparse.Namespace, runtime: Runtime) -> SearchData:
-    """The split into the weight and architecture halves, with this process's loaders."""
-    dataset = data.cifar_split(args.data, args.dataset, train=True,
-                               cutout_length=args.cutout_length if args.cutout else 0)
+def search_images(args: argparse.Namespace,
+                  resume_dir: Optional[str]) -> Tuple[Dataset, Dataset, str, Optional[Dict]]:
+    """The images that train the weights and those that train the architecture, where
+    they come from, and the ImageNet sample's file lists to write into a new run's
+    directory (``resume_dir``: a resumed run's, whose lists are read back)."""
+    cutout_length = args.cutout_length if args.cutout else 0
+    if args.dataset == "imagenet":
+        sample = imagenet_sample.search_sample(args.data, args.imagenet_sample, args.seed,
+                                               resume_dir, cutout_length)
+        return sample.weights, sample.architecture, sample.description, sample.lists
+    dataset = data.cifar_split(args.data, args.dataset, train=True, cutout_length=cutout_length)
     weight_half, arch_half = data.split_for_search(dataset, args.train_portion)
+    return weight_half, arch_half, f"--train_portion {args.train_portion:g} of {args.data}", None
+
+
+def load_search_data(args: argparse.Namespace, runtime: Runtime,
+                     resume_dir: Optional[str] = None) -> SearchData:
+    """The weight and architecture halves, with this process's loaders."""
+    weight_half, arch_half, origin, sample_lists = search_images(args, resume_dir)
     # drop_last: a final batch of one image would break the BatchNorm1d inside BAM, and
     # a CUDA graph replays one batch shape.
     train_loader = data.make_loader(weight_half, args.batchsz, runtime, shuffle=True,
@@ -380,16 +452,16 @@ def load_search_data(args: argparse.Namespace, runtime: Runtime) -> SearchData:
         seed=args.seed + 1, drop_last=True))
     valid_loader = data.make_eval_loader(arch_half, args.batchsz, runtime, args.workers)
     if len(train_loader) == 0 or len(arch_batches.loader) == 0:
-        raise UserError(f"{len(dataset)} training images split by --train_portion "
-                        f"{args.train_portion} leave less than one batch of --batchsz "
-                        f"{args.batchsz} per process in a half")
+        raise UserError(f"{len(weight_half)} and {len(arch_half)} images for the weights and the "
+                        f"architecture ({origin}) leave less than one batch of --batchsz "
+                        f"{args.batchsz} per process in one of them")
     hessian_images = min(args.hessian_images, len(arch_half))
     if args.hessian_every and hessian_images < 2 * runtime.world_size:
         raise UserError(f"--hessian_images {args.hessian_images} ({len(arch_half)} images in the "
                         f"architecture half) leaves a process fewer than 2 images, which "
                         f"BatchNorm needs")
-    return SearchData(weight_half, arch_half, data.num_classes_of(dataset), train_loader,
-                      arch_batches, valid_loader, hessian_images)
+    return SearchData(weight_half, arch_half, data.num_classes_of(weight_half), train_loader,
+                      arch_batches, valid_loader, hessian_images, origin, sample_lists)
 
 
 def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
@@ -399,17 +471,19 @@ def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Run
     warm-up epochs' and evaluation's).  Optimizers use their multi-tensor (foreach)
     kernels: a handful of launches per step instead of several per parameter tensor."""
     precision = Precision(args.amp, args.amp_dtype, runtime.device)
-    network = Network(args.init_ch, halves.num_classes, args.layers, nn.CrossEntropyLoss(),
-                      location, recompute=args.recompute, partial_channels=args.partial_channels,
-                      edge_norm=args.edge_norm, operation_space=args.space,
-                      relaxation=args.relaxation, op_threshold=args.op_threshold,
-                      aux_skip=args.aux_skip)
+    supernet = NetworkImageNet if args.dataset == "imagenet" else Network
+    network = supernet(args.init_ch, halves.num_classes, args.layers, nn.CrossEntropyLoss(),
+                       location, recompute=args.recompute, partial_channels=args.partial_channels,
+                       edge_norm=args.edge_norm, operation_space=args.space,
+                       relaxation=args.relaxation, op_threshold=args.op_threshold,
+                       aux_skip=args.aux_skip)
     network.to(runtime.device, memory_format=memory_format(args.channels_last))
     model = parallel.wrap(network, runtime, ignore=list(network.named_arch_parameters()))
     optimizer = torch.optim.SGD(network.weights(), args.lr, momentum=args.momentum,
                                 weight_decay=args.wd, foreach=True)
     architect = Architect(model, optimizer, args.arch_lr, args.arch_wd, args.unrolled,
-                          capturable=args.cuda_graphs, variant=Variant(args, network))
+                          capturable=args.cuda_graphs, variant=Variant(args, network),
+                          grad_clip=args.arch_grad_clip)
     # The same images every time the eigenvalue is measured, after a resume too.
     hessian_batches = (curvature.fixed_subset(halves.arch_half, halves.hessian_images,
                                               args.batchsz, runtime, args.channels_last)
@@ -431,6 +505,7 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
         restore(state, path, network, net.optimizers, net.precision, runtime, args.seed)
         log(f"resuming {run_dir} after epoch {state['epoch']}/{args.epochs}; operation space "
             f"{args.space}; {net.precision!r}; {modes}; collapse fixes: {describe_variant(args)}")
+        log(f"images: {halves.origin}")
         summaries = list(state.get("epoch_summaries", []))
         stopped = state.get("early_stop")
         final = kept_genotype(summaries, stopped["kept_epoch"]) if stopped else network.genotype()
@@ -447,6 +522,7 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
         f"{'recomputed in backward' if args.recompute else 'kept for backward'}, "
         f"{'second' if args.unrolled else 'first'} order")
     log(describe_space(network))
+    log(f"images: {halves.origin}")
     log(f"partial channels: {describe_partial_channels(args)}")
     log(f"collapse fixes: {describe_variant(args)}")
     log(modes)
@@ -463,7 +539,7 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
 
 # What a checkpoint written before these flags existed was searched with.
 EARLIER_FLAGS = {"partial_channels": 1, "edge_norm": False, "arch_warmup_epochs": 0,
-                 "space": "darts"}
+                 "space": "darts", "lr_warmup_epochs": 0, "arch_grad_clip": 0.0, "preset": None}
 
 
 def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime,
@@ -479,10 +555,13 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
     set_seed(args.seed)
     if runtime.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    halves = load_search_data(args, runtime)
+    halves = load_search_data(args, runtime,
+                              os.path.dirname(os.path.abspath(path)) if path else None)
     # Created only once the data is there: a failed start leaves no empty directory.
     run_dir = run_directory(path, args.exp_path, runtime)
     log = RunLog(run_dir)
+    if halves.sample_lists is not None and runtime.is_main:
+        imagenet_sample.write_lists(run_dir, halves.sample_lists)
     net = build_supernet(args, location, runtime, halves,
                          # Iterations of the warm-up epochs (weight step only) are a graph
                          # of their own, with their own warm-up: the first bilevel iteration
@@ -494,8 +573,9 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
     metrics = Metrics(run_dir, resumed_after=progress_state.start_epoch)
     if state is None:
         log(metrics.describe())
-    scheduler = resumed_schedule(cosine_schedule(args.epochs, args.lr_min), net.optimizer,
-                                 progress_state.start_epoch)
+    schedule = (warmed_up_cosine_schedule(args.epochs, args.lr_min, args.lr_warmup_epochs)
+                if args.lr_warmup_epochs else cosine_schedule(args.epochs, args.lr_min))
+    scheduler = resumed_schedule(schedule, net.optimizer, progress_state.start_epoch)
     if progress_state.stopped is not None:
         log(f"this search stopped early after epoch {progress_state.stopped['epoch']}: "
             f"{progress_state.stopped['reason']}; nothing to resume")
@@ -543,12 +623,19 @@ def train_and_validate(net: Supernet, halves: SearchData, scheduler: LRScheduler
 
 
 def describe_partial_channels(args: argparse.Namespace) -> str:
-    """The search-space flags of PC-DARTS and the warm-up, for the run's log."""
+    """The flags of PC-DARTS's search (partial channels, edge normalisation, warm-ups,
+    architecture-gradient clipping, the preset), for the run's log."""
     channels = (f"K={args.partial_channels}, each edge's operations see 1/{args.partial_channels} "
                 f"of the channels" if args.partial_channels > 1 else "off (every channel)")
     warmup = (f"architecture frozen for the first {args.arch_warmup_epochs} epoch(s)"
               if args.arch_warmup_epochs else "architecture trained from the first epoch")
-    return f"{channels}; edge normalisation {'on' if args.edge_norm else 'off'}; {warmup}"
+    extra = ([f"learning rate warmed up over {args.lr_warmup_epochs} epoch(s)"]
+             if args.lr_warmup_epochs else [])
+    extra += ([f"architecture gradient clipped to norm {args.arch_grad_clip:g}"]
+              if args.arch_grad_clip else [])
+    extra += [f"--preset {args.preset}"] if args.preset else []
+    return "; ".join([channels, f"edge normalisation {'on' if args.edge_norm else 'off'}",
+                      warmup, *extra])
 
 
 def log_epoch(log: RunLog, result: Dict[str, Any], speed: str, genotype: Genotype,

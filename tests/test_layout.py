@@ -17,7 +17,8 @@ SEARCH_SPACE = {"operations.py", "attentions.py", "genotypes.py", "model_search.
 NETWORKS = {"model", "model_search", "architect"}
 # The run mechanics: checkpoints and run directory, devices, precision, graphs, metrics.
 MECHANICS = {"atomic", "errors", "parallel", "precision", "cuda_graphs", "dispatch", "recompute",
-             "data", "experiment", "metrics", "history", "figures", "complexity", "early_stop"}
+             "data", "experiment", "metrics", "history", "figures", "complexity", "early_stop",
+             "imagenet_sample"}
 
 
 def _modules() -> Dict[str, Path]:

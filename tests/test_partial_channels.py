@@ -82,14 +82,16 @@ def test_edge_norm_follows_partial_channels_unless_given():
     resolved = []
     for K_given, edge_norm in [(1, "auto"), (4, "auto"), (4, False), (1, True)]:
         args = argparse.Namespace(init_ch=8, layers=LAYERS, partial_channels=K_given,
-                                  edge_norm=edge_norm, arch_warmup_epochs=15, space="darts")
+                                  edge_norm=edge_norm, arch_warmup_epochs=15,
+                                  lr_warmup_epochs=5, arch_grad_clip=5.0, space="darts")
         check_search_space_flags(args)
         resolved.append(args.edge_norm)
     assert resolved == [False, True, False, True]
-    with pytest.raises(UserError, match="--arch_warmup_epochs"):
-        check_search_space_flags(argparse.Namespace(init_ch=8, layers=3, partial_channels=1,
-                                                    edge_norm="auto", arch_warmup_epochs=-1,
-                                                    space="darts"))
+    for flag in ("arch_warmup_epochs", "lr_warmup_epochs", "arch_grad_clip"):
+        values = {"arch_warmup_epochs": 0, "lr_warmup_epochs": 0, "arch_grad_clip": 0.0, flag: -1}
+        with pytest.raises(UserError, match=f"--{flag}"):
+            check_search_space_flags(argparse.Namespace(init_ch=8, layers=3, partial_channels=1,
+                                                        edge_norm="auto", space="darts", **values))
 
 
 # Two locations in the quick tier: attentions in the first stage (at C/K) and in the

@@ -69,7 +69,7 @@ class ReferenceMixedOp(nn.Module):
 
 class ReferenceCell(nn.Module):
     def __init__(self, C_prev_prev: int, C_prev: int, C: int, reduction: bool,
-                 reduction_prev: bool):
+                 reduction_prev: bool, k: int = K):
         super().__init__()
         self.reduction = reduction
         if reduction_prev:
@@ -77,7 +77,7 @@ class ReferenceCell(nn.Module):
         else:
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
-        self._ops = nn.ModuleList(ReferenceMixedOp(C, 2 if reduction and j < 2 else 1, K)
+        self._ops = nn.ModuleList(ReferenceMixedOp(C, 2 if reduction and j < 2 else 1, k)
                                   for i in range(STEPS) for j in range(2 + i))
 
     def forward(self, s0, s1, weights, weights2):
@@ -124,8 +124,13 @@ class ReferenceNetwork(nn.Module):
             start, n = end, n + 1
         return weights2
 
+    def stems(self, x):
+        """The first cell's inputs (s0 = s1 = stem(x)); their ImageNet network differs here."""
+        s = self.stem(x)
+        return s, s
+
     def forward(self, x):
-        s0 = s1 = self.stem(x)
+        s0, s1 = self.stems(x)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
             weights = F.softmax(getattr(self, f"alphas_{kind}"), dim=-1)
@@ -180,18 +185,24 @@ def as_reference(network: Network, tensors: Dict[str, torch.Tensor]) -> Dict[str
     return {reference_name(k): v for k, v in network.per_edge_layout(tensors).items()}
 
 
+def share_seeded_weights(network: Network, reference: nn.Module, seed: int) -> None:
+    """Seeded weights in ``network``, with edge weights drawn from ``seed`` (far enough
+    apart to decide the genotype), loaded into ``reference``."""
+    fill_seeded_supernet(network)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for name in ("edge_weights_normal", "edge_weights_reduce"):
+            getattr(network, name).copy_(torch.randn(14, generator=generator, dtype=torch.float64))
+    reference.load_state_dict(as_reference(network, network.state_dict()))
+
+
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)
     network = Network(C, 10, LAYERS, nn.CrossEntropyLoss(), "no_attention", image_size=SIZE,
                       partial_channels=K, edge_norm=True, recompute=False).double().train()
-    fill_seeded_supernet(network)
-    with torch.no_grad():  # edge weights far enough apart to decide the genotype
-        generator = torch.Generator().manual_seed(7)
-        for name in ("edge_weights_normal", "edge_weights_reduce"):
-            getattr(network, name).copy_(torch.randn(14, generator=generator, dtype=torch.float64))
     reference = ReferenceNetwork().double().train()
-    reference.load_state_dict(as_reference(network, network.state_dict()))
+    share_seeded_weights(network, reference, 7)
     generator = torch.Generator().manual_seed(3)
     batches = [(torch.randn(BATCH, 3, SIZE, SIZE, generator=generator, dtype=torch.float64),
                 torch.randint(0, 10, (BATCH,), generator=generator)) for _ in range(2)]
