@@ -169,10 +169,13 @@ def check_sizes(settings: Mapping[str, Any], images: int, processes: int) -> Non
     if trained == images:
         raise UserError(f"--holdout_portion {settings['holdout_portion']} holds out none of the "
                         f"{images} training images ({NOTHING_RUN})")
-    parts = [("search", min(weights, images - weights), "the smaller half of a search"),
-             ("select", trained, f"the part a selection trains on (--holdout_portion "
+    parts = [("select", trained, f"the part a selection trains on (--holdout_portion "
                                  f"{settings['holdout_portion']} held out)"),
              ("final", images, "the training split")]
+    # An ImageNet search draws its own per-class sample (--imagenet_sample), and is the
+    # first job: it checks its sample itself before any other job has run.
+    if settings["dataset"] != "imagenet":
+        parts.insert(0, ("search", min(weights, images - weights), "the smaller half of a search"))
     for stage, part, what in parts:
         batch = settings[f"{stage}_batchsz"]
         if part // processes < batch:
