@@ -7,7 +7,7 @@ in float32: autocast only changes the dtype inside forward passes.  The search's
 architecture step ignores it and runs in float32 (see architect.py)."""
 import argparse
 import contextlib
-from typing import Any, ContextManager, Iterator, Mapping
+from typing import Any, ContextManager, Iterator, Mapping, Tuple
 
 import torch
 
@@ -40,6 +40,17 @@ class Precision:
             " with gradient scaling" if self.scaler.is_enabled() else "")
 
 
+def float32_settings() -> Tuple[str, str, str]:
+    """How CUDA computes float32 now: the matrix-product precision ('highest' is IEEE),
+    and the ``fp32_precision`` of matrix products and of cuDNN's convolutions
+    ('ieee' or 'tf32')."""
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.cudnn.conv.fp32_precision)
+
+
+IEEE_FLOAT32 = ("highest", "ieee", "ieee")  # float32_settings() inside exact_float32()
+
+
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
     """CUDA's float32 matrix products and convolutions in IEEE float32, not TF32, inside
@@ -54,7 +65,7 @@ def exact_float32() -> Iterator[None]:
     ``set_float32_matmul_precision``, which keeps the legacy and the new setting in
     step: torch refuses a matrix product while the two disagree."""
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = torch.get_float32_matmul_precision(), matmul.fp32_precision, conv.fp32_precision
+    before = float32_settings()
     torch.set_float32_matmul_precision("highest")
     conv.fp32_precision = "ieee"
     try:

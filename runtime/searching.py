@@ -17,6 +17,7 @@ validation loss's Hessian in architecture space (curvature.py), and it may stop
 early on either (--early_stop, early_stop.py).
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ from genotypes import Genotype, genotype_from_dict, genotype_to_dict, save_genot
 from model_search import EDGE_WEIGHTS, AttLocation, Network, check_partial_channels, node_sizes
 from runtime import curvature, data, parallel
 from runtime.complexity import count_parameters
-from runtime.cuda_graphs import StepGraph, run_graphs, use_cuda_graphs
+from runtime.cuda_graphs import StepGraph, resolve_cuda_graphs, run_graphs
 from runtime.diagnostics import describe, epoch_diagnostics, scalars
 from runtime.early_stop import EarlyStop
 from runtime.errors import UserError
@@ -110,9 +111,11 @@ def search_epoch(model: nn.Module, architect: Architect, optimizer: torch.optim.
     graph = graph if graph is not None else StepGraph(iteration, enabled=False)
     graph.reset(iteration)
 
+    place = functools.partial(to_device, runtime=runtime, channels_last=args.channels_last)
+
     def step(images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         nonlocal steps
-        valid = () if frozen else to_device(*next(arch_batches), runtime, args.channels_last)
+        valid = () if frozen else graph.feed(place, *next(arch_batches), first=2)
         result = graph(images, targets, *valid)
         steps += 1
         if trace:
@@ -126,7 +129,7 @@ def search_epoch(model: nn.Module, architect: Architect, optimizer: torch.optim.
         return result
 
     return run_epoch(train_loader, step, runtime, args.channels_last, "search",
-                     report_freq=args.report_freq, log=log)
+                     report_freq=args.report_freq, log=log, graph=graph)
 
 
 def evaluate_supernet(model: nn.Module, loader: torch.utils.data.DataLoader, precision: Precision,
@@ -264,10 +267,7 @@ def search(args: argparse.Namespace) -> None:
     try:
         args.channels_last = resolve_channels_last(args.channels_last, runtime.device)
         args.recompute, recompute_reason = resolve_recompute(args.recompute, runtime.device)
-        strict_graphs = args.cuda_graphs is True  # asked for: a failed capture stops the run
-        args.cuda_graphs, graphs_reason = use_cuda_graphs(
-            args.cuda_graphs, runtime.device, parallel.replicas(runtime),
-            scaled=args.amp and args.amp_dtype == "float16")
+        args.cuda_graphs, strict_graphs, graphs_reason = resolve_cuda_graphs(args, runtime)
         reasons = {"recompute": recompute_reason, "cuda_graphs": graphs_reason}
         run_search(args, location, runtime, early_stop, reasons, strict_graphs)
     finally:
@@ -366,6 +366,8 @@ def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Run
                                 weight_decay=args.wd, foreach=True)
     architect = Architect(model, optimizer, args.arch_lr, args.arch_wd, args.unrolled,
                           capturable=args.cuda_graphs)
+    if args.cuda_graphs:  # after a failed capture its steps are eager again
+        graphs[0].group.capturable.append(architect.optimizer)
     # The same images every time the eigenvalue is measured, after a resume too.
     hessian_batches = (curvature.fixed_subset(halves.arch_half, halves.hessian_images,
                                               args.batchsz, runtime, args.channels_last)

@@ -32,8 +32,8 @@ from genotypes import NAMED_GENOTYPES, Genotype, genotype_to_dict, resolve_genot
 from model import NetworkCIFAR, NetworkImageNet
 from runtime import data, parallel
 from runtime.complexity import count_macs, count_parameters
-from runtime.cuda_graphs import (GraphGroup, StepGraph, add_cuda_graph_flag, run_graphs,
-                                 use_cuda_graphs)
+from runtime.cuda_graphs import (GraphGroup, StepGraph, add_cuda_graph_flag, resolve_cuda_graphs,
+                                 run_graphs)
 from runtime.errors import UserError
 from runtime.experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog, atomic_save,
                                 checkpoint_file, evaluate, load_checkpoint, load_weights, progress,
@@ -211,7 +211,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     graph = graph if graph is not None else StepGraph(step, enabled=False)
     graph.reset(step)
     return run_epoch(loader, graph, runtime, args.channels_last, "train",
-                     report_freq=args.report_freq, log=log)
+                     report_freq=args.report_freq, log=log, graph=graph)
 
 
 def test_accuracy(model: nn.Module, loader: DataLoader, runtime: Runtime, precision: Precision,
@@ -396,10 +396,7 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     reasons = {}
-    strict_graphs = args.cuda_graphs is True  # asked for: a failed capture stops the run
-    args.cuda_graphs, reasons["cuda_graphs"] = use_cuda_graphs(
-        args.cuda_graphs, runtime.device, parallel.replicas(runtime),
-        scaled=args.amp and args.amp_dtype == "float16")
+    args.cuda_graphs, strict_graphs, reasons["cuda_graphs"] = resolve_cuda_graphs(args, runtime)
     args.device_loader, reasons["device_loader"] = data.use_device_loader(
         getattr(args, "device_loader", False), runtime.device, dataset)
     run = prepare_training(args, runtime, network, genotype, train_set, test_set, dataset,
@@ -463,9 +460,8 @@ def test(args: argparse.Namespace, dataset: str, topk: Sequence[int] = (1,)) -> 
         network.to(runtime.device, memory_format=memory_format(args.channels_last))
         model = network if runtime.distributed else parallel.wrap(network, runtime)
         loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
-        graphs, _ = use_cuda_graphs(args.cuda_graphs, runtime.device, parallel.replicas(runtime))
-        graph = StepGraph(None, graphs, warmup=1,
-                          group=GraphGroup(strict=args.cuda_graphs is True))
+        graphs, strict, _ = resolve_cuda_graphs(args, runtime)
+        graph = StepGraph(None, graphs, warmup=1, group=GraphGroup(strict))
         result = test_accuracy(model, loader, runtime, precision_of(args, runtime),
                                args.channels_last, topk, graph)
         if runtime.is_main:
