@@ -17,7 +17,7 @@ from model_search import AttLocation
 from runtime import searching
 from runtime.cuda_graphs import add_cuda_graph_flag
 from runtime.errors import run_cli
-from runtime.precision import add_precision_flags
+from runtime.precision import add_deterministic_flag, add_precision_flags
 
 parser = argparse.ArgumentParser(
     description="Att-DARTS architecture search on CIFAR (or an image folder).",
@@ -59,6 +59,7 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
                          "memory, one more forward per pass ('auto': on for the CPU, off on GPUs; "
                          "turn it on for a small card or a wide supernet)")
 add_cuda_graph_flag(parser)
+add_deterministic_flag(parser)
 searching.add_search_space_flags(parser)
 searching.add_collapse_flags(parser)
 add_precision_flags(parser, channels_last_default="auto")

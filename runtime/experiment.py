@@ -47,7 +47,8 @@ CHECKPOINT_KEYS = ("state_dict", "scaler", "epoch", "rng", "args", "genotype")
 RUN_SETTINGS = ("capturable", "foreach", "fused", "differentiable")
 RESUME_FREE_FLAGS = frozenset({"checkpoint_path", "data", "exp_path", "workers", "report_freq",
                                "amp", "amp_dtype", "channels_last", "recompute", "epochs",
-                               "arch", "arch_path", "cuda_graphs", "device_loader"})
+                               "arch", "arch_path", "cuda_graphs", "device_loader",
+                               "deterministic"})
 
 
 # -- the run directory -------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Mixed precision for search and training: one object owning the autocast
-context and, for float16, the gradient scaler.
+context and, for float16, the gradient scaler; IEEE float32 where TF32 would round
+too coarsely; and how kernels are chosen (``--deterministic``).
 
 bfloat16 (the default with ``--amp``) has float32's range and needs no scaling;
 float16 needs a GradScaler against underflow.  Parameters and optimizer state stay
@@ -7,6 +8,7 @@ in float32: autocast only changes the dtype inside forward passes.  The search's
 architecture step ignores it and runs in float32 (see architect.py)."""
 import argparse
 import contextlib
+import os
 from typing import Any, ContextManager, Iterator, Mapping, Tuple
 
 import torch
@@ -73,6 +75,53 @@ def exact_float32() -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(before[0])
         matmul.fp32_precision, conv.fp32_precision = before[1:]
+
+
+# cuBLAS's deterministic workspace setting, which torch.use_deterministic_algorithms
+# requires on CUDA: read when cuBLAS starts, so set before the run's first kernel.
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def add_deterministic_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deterministic", action="store_true",
+                        help="the same numbers from run to run on a GPU too (same card and "
+                             "software): cuDNN's deterministic kernels without benchmarking, "
+                             "torch.use_deterministic_algorithms with CUBLAS_WORKSPACE_CONFIG, "
+                             "deterministic replacements where an op has none; slower")
+
+
+def deterministic_mode(args: argparse.Namespace) -> str:
+    """``--deterministic`` as the run's log says it."""
+    return ("deterministic kernels (--deterministic)" if args.deterministic else
+            "fastest kernels (cuDNN benchmarks on a GPU; --deterministic for repeatable runs)")
+
+
+@contextlib.contextmanager
+def kernel_choice(deterministic: bool, device: torch.device) -> Iterator[None]:
+    """How the run's kernels are chosen, inside the block; the settings before it come
+    back after.  By default cuDNN benchmarks its convolution algorithms on a GPU
+    (fastest, but the choice, and some kernels' atomic additions, vary from run to
+    run).  ``deterministic``: cuDNN's deterministic algorithms without benchmarking,
+    ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel
+    raises; the project replaces those it uses, e.g. ``attentions.global_max_pool``)
+    and cuBLAS's deterministic workspace (an environment variable a user set wins)."""
+    cudnn = torch.backends.cudnn
+    before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              os.environ.get(CUBLAS_WORKSPACE[0]))
+    if deterministic:
+        os.environ.setdefault(*CUBLAS_WORKSPACE)
+        cudnn.benchmark, cudnn.deterministic = False, True
+        torch.use_deterministic_algorithms(True)
+    else:
+        cudnn.benchmark = device.type == "cuda"
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+        if before[4] is None:
+            os.environ.pop(CUBLAS_WORKSPACE[0], None)
 
 
 def add_precision_flags(parser: argparse.ArgumentParser,

@@ -47,7 +47,8 @@ from runtime.experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint
 from runtime.history import record_epoch
 from runtime.metrics import Metrics, heatmap_image
 from runtime.parallel import Runtime
-from runtime.precision import Precision, memory_format, resolve_channels_last
+from runtime.precision import (Precision, deterministic_mode, kernel_choice, memory_format,
+                               resolve_channels_last)
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 # Set to 1: each process prints a hash of the architecture after every search step.
@@ -269,7 +270,8 @@ def search(args: argparse.Namespace) -> None:
         args.recompute, recompute_reason = resolve_recompute(args.recompute, runtime.device)
         args.cuda_graphs, strict_graphs, graphs_reason = resolve_cuda_graphs(args, runtime)
         reasons = {"recompute": recompute_reason, "cuda_graphs": graphs_reason}
-        run_search(args, location, runtime, early_stop, reasons, strict_graphs)
+        with kernel_choice(args.deterministic, runtime.device):
+            run_search(args, location, runtime, early_stop, reasons, strict_graphs)
     finally:
         parallel.teardown()
 
@@ -383,7 +385,8 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
     network = net.network
     # How this process computes: a resumed run may do it otherwise than its checkpoint's.
     modes = (f"recompute {'on' if args.recompute else 'off'} ({reasons['recompute']}); CUDA "
-             f"graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']})")
+             f"graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']}); "
+             f"{deterministic_mode(args)}")
     if state is not None:
         halves.arch_batches.load_state_dict(state["arch_batches"])
         restore(state, path, network, net.optimizers, net.precision, runtime, args.seed)
@@ -431,8 +434,6 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
                             earlier=EARLIER_FLAGS) if path else None
     # Same seed on every process: identical initial weights and architecture.
     set_seed(args.seed)
-    if runtime.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     halves = load_search_data(args, runtime)
     # Created only once the data is there: a failed start leaves no empty directory.
     run_dir = run_directory(path, args.exp_path, runtime)

@@ -41,7 +41,8 @@ from runtime.experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog
                                 save_checkpoint, set_seed, weight_step)
 from runtime.metrics import Metrics
 from runtime.parallel import Runtime
-from runtime.precision import Precision, add_precision_flags, memory_format
+from runtime.precision import (Precision, add_deterministic_flag, add_precision_flags,
+                               deterministic_mode, kernel_choice, memory_format)
 
 CIFAR_DEFAULTS = dict(
     batchsz=96, lr=0.025, wd=3e-4, epochs=600, init_ch=36, layers=20, drop_path_prob=0.2, seed=2,
@@ -80,6 +81,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any
                         help="data loader worker processes (default: %(default)s)")
     add_precision_flags(parser)
     add_cuda_graph_flag(parser)
+    add_deterministic_flag(parser)
 
 
 def add_train_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
@@ -315,7 +317,8 @@ def modes_line(args: argparse.Namespace, reasons: Dict[str, str]) -> str:
     """How this process computes, and why: a resumed run may do it otherwise than the
     run that wrote its checkpoint."""
     return (f"CUDA graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']}); "
-            f"device loader {'on' if args.device_loader else 'off'} ({reasons['device_loader']})")
+            f"device loader {'on' if args.device_loader else 'off'} ({reasons['device_loader']}); "
+            f"{deterministic_mode(args)}")
 
 
 def log_start(run: TrainingRun, args: argparse.Namespace, runtime: Runtime, genotype: Genotype,
@@ -436,14 +439,13 @@ def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
     try:
         genotype = resolve_genotype(args.arch, args.arch_path)
         train_set, test_set = load_train_and_eval(args, dataset)
-        if runtime.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
         # The same weights on every process (DDP would broadcast rank 0's anyway),
         # different augmentation and drop-path draws.
         set_seed(args.seed + runtime.rank)
         network = build_network(args, dataset, data.num_classes_of(train_set), genotype)
-        fit(args, runtime, network, genotype, train_set, test_set, criterion.to(runtime.device),
-            make_scheduler, input_size_of(dataset), topk, dataset)
+        with kernel_choice(args.deterministic, runtime.device):
+            fit(args, runtime, network, genotype, train_set, test_set,
+                criterion.to(runtime.device), make_scheduler, input_size_of(dataset), topk, dataset)
     finally:
         parallel.teardown()
 
@@ -462,8 +464,9 @@ def test(args: argparse.Namespace, dataset: str, topk: Sequence[int] = (1,)) -> 
         loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
         graphs, strict, _ = resolve_cuda_graphs(args, runtime)
         graph = StepGraph(None, graphs, warmup=1, group=GraphGroup(strict))
-        result = test_accuracy(model, loader, runtime, precision_of(args, runtime),
-                               args.channels_last, topk, graph)
+        with kernel_choice(args.deterministic, runtime.device):
+            result = test_accuracy(model, loader, runtime, precision_of(args, runtime),
+                                   args.channels_last, topk, graph)
         if runtime.is_main:
             print(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded)")
             print(f"test {result}")

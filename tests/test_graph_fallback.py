@@ -5,6 +5,7 @@ what a failed capture leaves behind, one private pool at a time, resuming across
 modes and device counts, and the second order's passes in IEEE float32."""
 import argparse
 import itertools
+import os
 from types import SimpleNamespace
 from typing import List
 
@@ -23,7 +24,8 @@ from runtime.cuda_graphs import StepGraph, run_graphs
 from runtime.errors import UserError
 from runtime.experiment import load_optimizer_state, restore, restore_rng, rng_state
 from runtime.parallel import Runtime
-from runtime.precision import IEEE_FLOAT32, Precision, exact_float32, float32_settings
+from runtime.precision import (CUBLAS_WORKSPACE, IEEE_FLOAT32, Precision, exact_float32,
+                               float32_settings, kernel_choice)
 from runtime.training import train_epoch
 
 # Small tensors: one thread is as fast, and immune to the thread contention of a loaded machine.
@@ -416,3 +418,23 @@ def test_the_float32_settings_come_back_after_an_error(tf32_allowed):
             assert float32_settings() == IEEE_FLOAT32
             raise RuntimeError("boom")
     assert float32_settings() == tf32_allowed
+
+
+def test_deterministic_kernels_only_inside_the_run():
+    """--deterministic: cuDNN's deterministic algorithms, no benchmarking, PyTorch's
+    deterministic mode, cuBLAS's workspace setting; all as before once the run ends
+    (the tests run the scripts' functions in one process).  Without it cuDNN
+    benchmarks on a GPU."""
+    cudnn = torch.backends.cudnn
+    before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+              os.environ.get(CUBLAS_WORKSPACE[0]))
+    with kernel_choice(True, torch.device("cuda")):
+        assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ[CUBLAS_WORKSPACE[0]] == (before[3] or CUBLAS_WORKSPACE[1])
+    assert (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+            os.environ.get(CUBLAS_WORKSPACE[0])) == before
+    with kernel_choice(False, torch.device("cuda")):
+        assert cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    with kernel_choice(False, CPU):
+        assert not cudnn.benchmark

@@ -213,16 +213,19 @@ def test_every_location_searches(searches, location):
 def test_one_epoch_search_extended_to_two_matches_a_two_epoch_search(searches, folder, tmp_path):
     """A finished 1-epoch search, resumed with --epochs 2, takes the very steps of a
     2-epoch search (the first epoch runs at the initial learning rate in both); its
-    architecture loader resumes inside its second pass."""
+    architecture loader resumes inside its second pass.  Resumed with --deterministic:
+    on the CPU deterministic kernels compute the same numbers."""
     straight = _run_of(searches, "two_epochs")
     straight_steps = _traced_steps(searches["two_epochs"][0], [1, 2])
     run = tmp_path / "exp" / "extended"
     shutil.copytree(_run_of(searches, "first"), run)
     assert _checkpoint(run)["arch_batches"] == ARCH_BATCHES_AFTER_ONE_EPOCH
     result = run_script("train_search.py", *search_flags(folder, tmp_path / "unused", 2),
-                        "--checkpoint_path", str(run / "checkpoint.pt"), env=TRACE)
+                        "--checkpoint_path", str(run / "checkpoint.pt"), "--deterministic",
+                        env=TRACE)
     _ok(result)
     assert _traced_steps(result, [2]) == straight_steps[STEPS:]
+    assert "deterministic kernels (--deterministic)" in (run / "log.txt").read_text()
     assert _checkpoint(run)["epoch"] == 2
     _assert_same_arch(run, straight)
     assert len((run / "arch_history.jsonl").read_text().splitlines()) == 2
