@@ -79,16 +79,19 @@ class RunClock:
         self.seconds = 0.0
         self.epochs_timed = 0
 
-    def epoch_done(self, images: int, step_seconds: float, epoch_seconds: float) -> str:
-        """``images`` (all processes) went through the steps in ``step_seconds`` of an
-        epoch that took ``epoch_seconds`` in all: the speed, and the time the remaining
-        epochs take at this run's mean epoch time."""
+    def epoch_done(self, images: int, iterations: int, step_seconds: float,
+                   epoch_seconds: float) -> str:
+        """``images`` (all processes) went through ``iterations`` steps in
+        ``step_seconds`` of an epoch that took ``epoch_seconds`` in all: the speed, the
+        seconds per iteration, and the time the remaining epochs take at this run's
+        mean epoch time."""
         self.epochs_left -= 1
         self.seconds += epoch_seconds
         self.epochs_timed += 1
         remaining = int(round(self.seconds / self.epochs_timed * self.epochs_left))
         hours, rest = divmod(remaining, 3600)
         return (f"{images / max(step_seconds, 1e-9):.0f} img/s, "
+                f"{step_seconds / max(iterations, 1):.4f} s/it, "
                 f"eta {hours}:{rest // 60:02d}:{rest % 60:02d}")
 
 

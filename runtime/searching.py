@@ -269,7 +269,10 @@ def search(args: argparse.Namespace) -> None:
         args.channels_last = resolve_channels_last(args.channels_last, runtime.device)
         args.recompute, recompute_reason = resolve_recompute(args.recompute, runtime.device)
         args.cuda_graphs, strict_graphs, graphs_reason = resolve_cuda_graphs(args, runtime)
-        reasons = {"recompute": recompute_reason, "cuda_graphs": graphs_reason}
+        args.device_loader, loader_reason = data.use_device_loader(args.device_loader,
+                                                                   runtime.device, args.dataset)
+        reasons = {"recompute": recompute_reason, "cuda_graphs": graphs_reason,
+                   "device_loader": loader_reason}
         with kernel_choice(args.deterministic, runtime.device):
             run_search(args, location, runtime, early_stop, reasons, strict_graphs)
     finally:
@@ -328,16 +331,23 @@ class SearchState:
 
 def load_search_data(args: argparse.Namespace, runtime: Runtime) -> SearchData:
     """The split into the weight and architecture halves, with this process's loaders."""
-    dataset = data.cifar_split(args.data, args.dataset, train=True,
-                               cutout_length=args.cutout_length if args.cutout else 0)
+    cutout_length = args.cutout_length if args.cutout else 0
+    dataset = data.cifar_split(args.data, args.dataset, train=True, cutout_length=cutout_length)
     weight_half, arch_half = data.split_for_search(dataset, args.train_portion)
     # drop_last: a final batch of one image would break the BatchNorm1d inside BAM, and
     # a CUDA graph replays one batch shape.
-    train_loader = data.make_loader(weight_half, args.batchsz, runtime, shuffle=True,
-                                    workers=args.workers, seed=args.seed, drop_last=True)
-    arch_batches = data.CyclingLoader(data.make_loader(
-        arch_half, args.batchsz, runtime, shuffle=True, workers=args.workers,
-        seed=args.seed + 1, drop_last=True))
+    if args.device_loader:  # the same images per batch, augmented on the device
+        pixels = data.cifar_train_pixels(args.data, args.dataset, workers=args.workers)[:2]
+        train_loader, arch_loader = (
+            data.device_cifar_loader(pixels, half, args.batchsz, runtime, args.dataset,
+                                     cutout_length, seed, args.channels_last)
+            for half, seed in ((weight_half, args.seed), (arch_half, args.seed + 1)))
+    else:
+        train_loader, arch_loader = (
+            data.make_loader(half, args.batchsz, runtime, shuffle=True, workers=args.workers,
+                             seed=seed, drop_last=True)
+            for half, seed in ((weight_half, args.seed), (arch_half, args.seed + 1)))
+    arch_batches = data.CyclingLoader(arch_loader)
     valid_loader = data.make_eval_loader(arch_half, args.batchsz, runtime, args.workers)
     if len(train_loader) == 0 or len(arch_batches.loader) == 0:
         raise UserError(f"{len(dataset)} training images split by --train_portion "
@@ -385,7 +395,8 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
     network = net.network
     # How this process computes: a resumed run may do it otherwise than its checkpoint's.
     modes = (f"recompute {'on' if args.recompute else 'off'} ({reasons['recompute']}); CUDA "
-             f"graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']}); "
+             f"graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']}); device "
+             f"loader {'on' if args.device_loader else 'off'} ({reasons['device_loader']}); "
              f"{deterministic_mode(args)}")
     if state is not None:
         halves.arch_batches.load_state_dict(state["arch_batches"])
@@ -462,7 +473,8 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
         result = train_and_validate(net, halves, scheduler, epoch, runtime, args, log)
         epochs.set_postfix_str(f"train {result['train_acc'].percent():.2f}% "
                                f"valid {result['valid_acc'].percent():.2f}%")
-        speed = clock.epoch_done(len(halves.train_loader) * args.batchsz * runtime.world_size,
+        iterations = len(halves.train_loader)
+        speed = clock.epoch_done(iterations * args.batchsz * runtime.world_size, iterations,
                                  result["step_seconds"], result["seconds"])
         if end_of_epoch(net, halves, progress_state, result, speed, early_stop, args, runtime,
                         metrics, scheduler, log, run_dir):

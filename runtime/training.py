@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from genotypes import NAMED_GENOTYPES, Genotype, genotype_to_dict, resolve_genotype, save_genotype
 from model import NetworkCIFAR, NetworkImageNet
@@ -106,11 +106,7 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
         parser.add_argument("--cutout", action="store_true", help="cutout augmentation")
         parser.add_argument("--cutout_length", type=int, default=16,
                             help="side of the cutout square (default: %(default)s)")
-        parser.add_argument("--device_loader", action=argparse.BooleanOptionalAction,
-                            default="auto",
-                            help="keep the training split on the device as uint8 and crop, flip "
-                                 "and cut out batches there, instead of DataLoader workers "
-                                 "('auto': on for a GPU; default: %(default)s)")
+        data.add_device_loader_flag(parser)
     parser.add_argument("--drop_path_prob", type=float, default=defaults["drop_path_prob"],
                         help="drop-path probability, ramped linearly from 0 over the epochs "
                              "(default: %(default)s)")
@@ -265,11 +261,9 @@ def make_train_loader(args: argparse.Namespace, runtime: Runtime, train_set: Dat
     BatchNorm1d, and a CUDA graph replays one batch shape."""
     if args.device_loader:
         images, labels, _ = data.cifar_train_pixels(args.data, dataset, workers=args.workers)
-        if isinstance(train_set, Subset):  # --holdout_portion: only the images trained on
-            images, labels = images[train_set.indices], labels[train_set.indices]
-        loader = data.DeviceCIFARLoader(images, labels, args.batchsz, runtime, dataset,
-                                        cutout_length=args.cutout_length if args.cutout else 0,
-                                        seed=args.seed, channels_last=args.channels_last)
+        loader = data.device_cifar_loader((images, labels), train_set, args.batchsz, runtime,
+                                          dataset, args.cutout_length if args.cutout else 0,
+                                          args.seed, args.channels_last)
     else:
         loader = data.make_loader(train_set, args.batchsz, runtime, shuffle=True,
                                   workers=args.workers, seed=args.seed, drop_last=True)
@@ -420,7 +414,8 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
         result = train_and_test(run, criterion, scheduler, epoch, runtime, args, topk)
         epochs.set_postfix_str(f"train {result['train_acc'].percent():.2f}% "
                                f"test {run.last_test.percent(topk[0]):.2f}%")
-        speed = clock.epoch_done(len(run.train_loader) * args.batchsz * runtime.world_size,
+        iterations = len(run.train_loader)
+        speed = clock.epoch_done(iterations * args.batchsz * runtime.world_size, iterations,
                                  result["step_seconds"], result["seconds"])
         end_of_training_epoch(run, result, speed, scheduler, metrics, runtime, args, genotype, topk)
     epochs.close()

@@ -22,8 +22,9 @@ from architect import Architect
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
-from runtime import data, searching, training
+from runtime import data, experiment, searching, training
 from runtime.cuda_graphs import StepGraph, run_graphs
+from runtime.dispatch import OpCounter
 from runtime.experiment import cosine_schedule, resumed_schedule
 from runtime.parallel import Runtime
 from runtime.precision import Precision
@@ -98,6 +99,33 @@ def test_a_replay_keeps_what_its_capture_baked_in(monkeypatch):
     module.drop_path_prob = 0.3
     assert float(graph(torch.ones(()))[0]) == pytest.approx(2.55)
     assert fake.attempts == 2
+
+
+def test_a_batch_is_copied_once_straight_into_the_static_inputs(monkeypatch):
+    """Once captured, an epoch's batches skip the copy to the device (``to_device``):
+    each is copied once, into the graph's static inputs, which the call then uses as
+    they are.  The warm-up step, the capture and a batch of another shape go to the
+    device as before."""
+    FakeCuda().install(monkeypatch)
+    moved = []
+    to_device = experiment.to_device
+    monkeypatch.setattr(experiment, "to_device",
+                        lambda *args, **kwargs: moved.append(1) or to_device(*args, **kwargs))
+    graph = StepGraph(lambda x, y: ((x.sum(1) - y).sum(), x * 2), enabled=True, warmup=1)
+    batches = [(torch.full((2, 3), float(i)), torch.arange(2) + i) for i in range(4)]
+    batches.append((torch.ones(1, 3), torch.zeros(1, dtype=torch.long)))
+    steps = []
+
+    def step(images, targets):
+        steps.append((images is graph._static_inputs[0]) if graph.captured else None)
+        return graph(images, targets)
+
+    experiment.run_epoch(batches, step, RUNTIME, False, "test", graph=graph)
+    assert len(moved) == 3 and steps == [None, None, True, True, False]
+    with OpCounter() as ops:
+        fed = graph.feed(to_device, *batches[3])
+    assert dict(ops.counts) == {"aten.copy_": 2} and fed[1] is graph._static_inputs[1]
+    assert torch.equal(graph(*fed)[1], batches[3][0] * 2)
 
 
 # -- the search ---------------------------------------------------------------------------------------

@@ -353,6 +353,6 @@ def test_device_loader_run_resumes_bit_for_bit_and_logs_its_speed(cifar, tmp_pat
     assert "device loader on (as requested)" in log and "CUDA graphs off" in log
     assert "deterministic kernels (--deterministic)" in log.split("resuming")[1]
     assert _steps_per_epoch(log) == [6, 6]  # 200 images, batch 32
-    assert len(re.findall(r"time [\d.]+s \d+ img/s, eta \d+:\d\d:\d\d", log)) == 2
+    assert len(re.findall(r"time [\d.]+s \d+ img/s, [\d.]+ s/it, eta \d+:\d\d:\d\d", log)) == 2
     last_epoch = next(line for line in log.splitlines() if "epoch 2/2 lr" in line)
     assert last_epoch.endswith("eta 0:00:00")
