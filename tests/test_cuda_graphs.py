@@ -16,7 +16,7 @@ from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
 from runtime.cuda_graphs import (StepGraph, add_cuda_graph_flag, resolve_cuda_graphs,
-                                 use_cuda_graphs)
+                                 run_graphs, use_cuda_graphs)
 from runtime.errors import UserError
 from runtime.parallel import Runtime
 from runtime.precision import Precision
@@ -172,3 +172,20 @@ def test_a_graphed_evaluation_runs_other_shapes_eagerly():
         for x in batches:
             torch.testing.assert_close(graph(x).clone(), network(x)[0], rtol=1e-5, atol=1e-6)
     assert graph.captures == 1
+
+
+@needs_cuda
+def test_a_real_failed_capture_leaves_the_stream_as_it_was():
+    """A step that reads a tensor back inside the capture: CUDA refuses the copy, the
+    capture's end then fails too, and the fallback runs on the stream that was current
+    (torch.cuda.graph alone would leave its capture stream current)."""
+    lines = []
+    graph, _ = run_graphs(True, False, lines.append)
+    graph.reset(lambda x: (x * float(x.sum()),))
+    graph.warmup = 1
+    x = torch.ones(4, device=CUDA)
+    before = torch.cuda.current_stream()
+    outputs = [graph(x)[0] for _ in range(3)]
+    assert torch.cuda.current_stream() == before
+    assert all(torch.equal(out, x * 4) for out in outputs)
+    assert len(lines) == 1 and "capturing the step failed (" in lines[0] and not graph.enabled

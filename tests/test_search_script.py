@@ -120,10 +120,10 @@ def _assert_same_arch(run_a: Path, run_b: Path) -> None:
 def searches(folder, tmp_path_factory) -> dict:
     """The single-process searches, two at a time: name -> (result, exp directory).
     'first': one first-order epoch at after_every, and at every other location;
-    'two_epochs': 'first' for two epochs.  (Second order, --amp and --no-recompute are
+    'two_epochs': 'first' for two epochs; 'device_loader': 'first' with --device_loader.  (Second order, --amp and --no-recompute are
     searched under torchrun, below.)"""
     base = tmp_path_factory.mktemp("searches")
-    specs = {"first": (1, []), "two_epochs": (2, [])}
+    specs = {"first": (1, []), "two_epochs": (2, []), "device_loader": (1, ["--device_loader"])}
     specs.update({loc: (1, ["--location", loc]) for loc in LOCATIONS if loc != "after_every"})
     commands = {name: command("train_search.py", *search_flags(folder, base / name, epochs, *extra))
                 for name, (epochs, extra) in specs.items()}
@@ -181,6 +181,19 @@ def test_search_moves_the_architecture(searches, torchrun_searches):
     assert any(not torch.equal(first[k], second[k]) for k in first)
     first, two = _arch_state(_run_of(searches, "first")), _arch_state(_run_of(searches, "two_epochs"))
     assert any(not torch.equal(first[k], two[k]) for k in first)
+
+
+def test_the_device_loader_feeds_both_halves(searches):
+    """--device_loader (a GPU's default) on the CPU: both halves' batches made from the
+    split kept as uint8 (the same images per batch as 'first', tests/test_device_loader.py;
+    other augmentation draws, so another architecture)."""
+    run = _run_of(searches, "device_loader")
+    _traced_steps(searches["device_loader"][0], [1])
+    _assert_finite(run)
+    assert "device loader on (as requested)" in (run / "log.txt").read_text()
+    assert _checkpoint(run)["arch_batches"] == ARCH_BATCHES_AFTER_ONE_EPOCH
+    first, ours = _arch_state(_run_of(searches, "first")), _arch_state(run)
+    assert any(not torch.equal(first[k], ours[k]) for k in first)
 
 
 # -- 7. every location -----------------------------------------------------------------------
