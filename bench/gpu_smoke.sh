@@ -36,7 +36,7 @@ BUDGET=${BUDGET:-480}
 GPU=$(python -c "import torch; print('yes' if torch.cuda.is_available() else 'no')")
 python -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU (no CUDA): graphs are expected off')"
 SUMMARY="$OUT/summary.txt"
-printf '%-48s %-12s %s\n' run graphs "per epoch: img/s, s/it" > "$SUMMARY"
+printf '%-54s %-9s %s\n' run graphs "per epoch: img/s, s/it" > "$SUMMARY"
 
 # run TITLE EXPECT DIR COMMAND...: the command under what is left of the budget (its
 # output in OUT/*.out, shown when it fails), then what the run under DIR logged
@@ -74,7 +74,7 @@ run() {
            | paste -sd ';' - || true)
   echo "   graphs $graphs: $modes"
   echo "   per epoch: ${speeds:-no epoch line}   ($((SECONDS - started)) s)"
-  printf '%-48s %-12s %s\n' "$title" "$graphs" "${speeds:-}" >> "$SUMMARY"
+  printf '%-54s %-9s %s\n' "$title" "$graphs" "${speeds:-}" >> "$SUMMARY"
   if [[ ($expect == on && $graphs != used) || ($expect == off && $graphs == used) ]]; then
     echo "== FAILED: $title: graphs $graphs, expected $expect (log: $log)"
     exit 1

@@ -131,10 +131,11 @@ def test_a_batch_is_copied_once_straight_into_the_static_inputs(monkeypatch):
 # -- the search ---------------------------------------------------------------------------------------
 
 def _search(monkeypatch, graphs: bool, unrolled: bool, recapture: bool = True):
-    """Three epochs of the search (3 iterations each, 8x8 images, C=4, 3 cells) and
-    their evaluations on the run's three StepGraphs (one warm-up step each)."""
+    """Three epochs of the search (3 iterations each, 8x8 images, C=4, 3 cells of two
+    nodes) and their evaluations on the run's three StepGraphs (one warm-up step each)."""
     torch.manual_seed(0)
-    network = Network(4, 10, 3, nn.CrossEntropyLoss(), "end", image_size=8)
+    network = Network(4, 10, 3, nn.CrossEntropyLoss(), "end", steps=2, multiplier=2,
+                      image_size=8)
     optimizer = torch.optim.SGD(network.weights(), 0.025, momentum=0.9, weight_decay=3e-4,
                                 foreach=True)
     architect = Architect(network, optimizer, 3e-4, 1e-3, unrolled=unrolled)
