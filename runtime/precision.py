@@ -83,6 +83,8 @@ CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def add_deterministic_flag(parser: argparse.ArgumentParser) -> None:
+    """``--deterministic``, for the search and the train and test scripts
+    (``kernel_choice``)."""
     parser.add_argument("--deterministic", action="store_true",
                         help="the same numbers from run to run on a GPU too (same card and "
                              "software): cuDNN's deterministic kernels without benchmarking, "
