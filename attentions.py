@@ -184,6 +184,18 @@ class BAM(nn.Module):
         return x + x * self._mask(x)
 
 
+def global_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """The maximum of each (B, C, H, W) map, (B, C, 1, 1): ``F.adaptive_max_pool2d(x, 1)``,
+    whose CUDA backward has no deterministic implementation.  Under
+    ``torch.use_deterministic_algorithms`` (``--deterministic``) a max over the flattened
+    map instead, which picks the same maximum (the first, in row-major order) and sends
+    its gradient there: the same values, with a backward that scatters rather than adds
+    atomically."""
+    if torch.are_deterministic_algorithms_enabled():
+        return x.flatten(2).max(dim=2).values[:, :, None, None]
+    return F.adaptive_max_pool2d(x, 1)
+
+
 class CBAMChannelAttention(nn.Module):
     """Shared MLP over the average- and max-pooled descriptors -> sigmoid."""
 
@@ -199,7 +211,7 @@ class CBAMChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Both descriptors through the MLP as one batch (the MLP is per sample).
-        pooled = torch.cat([x.mean((2, 3), keepdim=True), F.adaptive_max_pool2d(x, 1)])
+        pooled = torch.cat([x.mean((2, 3), keepdim=True), global_max_pool(x)])
         average, maximum = self.mlp(pooled).chunk(2)
         return torch.sigmoid(average + maximum)[:, :, None, None]
 

@@ -23,8 +23,9 @@ from model_search import AttLocation
 from runtime import searching
 from runtime.collapse_fixes import add_variant_flags
 from runtime.cuda_graphs import add_cuda_graph_flag
+from runtime.data import add_device_loader_flag
 from runtime.errors import run_cli
-from runtime.precision import add_precision_flags
+from runtime.precision import add_deterministic_flag, add_precision_flags
 
 parser = argparse.ArgumentParser(
     description="Att-DARTS architecture search on CIFAR, an image folder, or ImageNet "
@@ -77,6 +78,8 @@ parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, defaul
                          "memory, one more forward per pass ('auto': on for the CPU, off on GPUs; "
                          "turn it on for a small card or a wide supernet)")
 add_cuda_graph_flag(parser)
+add_device_loader_flag(parser)
+add_deterministic_flag(parser)
 searching.add_search_space_flags(parser)
 searching.add_preset_flag(parser)
 searching.add_collapse_flags(parser)

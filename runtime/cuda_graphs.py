@@ -24,13 +24,26 @@ are new at every replay: PyTorch advances the generator's offset per replay.
 A capturable step has static shapes, no host synchronisation (``dispatch.HostSyncGuard``
 finds those on a CPU) and optimizers created with ``capturable=True`` where they
 have that flag.  Graphs need one device and one process: ``use_cuda_graphs`` turns
-them off otherwise.
+them off otherwise, and under torchrun whatever its size (DistributedDataParallel
+needs 11 eager iterations and its own construction on a side stream before a
+capture, and the search would capture NCCL's all_reduce and broadcast).
+
+A batch is copied once, straight into the static inputs (``feed``), not first to the
+device and then into them.
 
 Capture is ``thread_local``: the DataLoaders' pin-memory threads keep calling CUDA
 while a step is captured, which would invalidate a ``global`` capture.  A capture or
 a replay that fails anyway goes to the run's ``GraphGroup``: under ``auto`` one
-line in the log and eager steps from then on (a failed capture ran no kernel, so the
-step it was capturing runs once, eagerly); with ``--cuda_graphs`` a ``UserError``.
+line in the log (the root cause: a capture that fails inside CUDA raises again when
+it ends, "operation failed due to a previous error during capture", with the first
+error as its ``__context__``) and eager steps from then on (a failed capture ran no
+kernel, so the step it was capturing runs once, eagerly); with ``--cuda_graphs`` a
+``UserError``.  A failed capture leaves the process as it found it: the stream that
+was current is current again (torch 2.14's ``graph.__exit__`` ends the capture
+before it leaves its stream, so a failing end would leave the capture stream
+current: the capture runs inside a stream context of our own), the failed graph and
+its pool are dropped, and the optimizers made capturable for the graphs take the
+eager step again (``capturable=False``).
 
 Memory: a graph's private pool holds its step's intermediates until the graph, its
 static tensors and whatever else points into the pool (the gradients a step leaves
@@ -43,8 +56,11 @@ import argparse
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
+from runtime import parallel
 from runtime.errors import UserError
+from runtime.parallel import Runtime
 
 Shapes = Tuple[Tuple[Tuple[int, ...], torch.dtype], ...]
 
@@ -54,18 +70,27 @@ def add_cuda_graph_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda_graphs", action=argparse.BooleanOptionalAction, default="auto",
                         help="capture each step once per epoch in a CUDA graph and replay it: one "
                              "launch instead of thousands ('auto': on for one CUDA device in one "
-                             "process, off on the CPU, under torchrun and with DataParallel)")
+                             "process, off on the CPU, under torchrun and with DataParallel; given "
+                             "under torchrun, an error)")
 
 
 def use_cuda_graphs(requested: "bool | str", device: torch.device, replicas: int = 1,
-                    scaled: bool = False) -> Tuple[bool, str]:
+                    scaled: bool = False, process_group: bool = False) -> Tuple[bool, str]:
     """``--cuda_graphs`` resolved: (on or off, why), for the run's log.  ``auto`` means on
     for a step on one CUDA device (``replicas``: the processes or DataParallel replicas
-    a step spans; their collectives and scatters are not captured).  ``scaled``: the
-    step uses float16's gradient scaler, which reads its overflow check back to the
-    host every step."""
+    a step spans; their collectives and scatters are not captured) in a process
+    outside torchrun (``process_group``: one is initialised, of any size; given
+    explicitly there, the flag is an error).  ``scaled``: the step uses float16's
+    gradient scaler, which reads its overflow check back to the host every step."""
+    if process_group and requested is True:
+        raise UserError("--cuda_graphs cannot be used under torchrun: DistributedDataParallel "
+                        "and the search's all_reduce and broadcast cannot be captured; leave "
+                        "the flag out (graphs are then off under torchrun)")
     if device.type != "cuda":
         return False, f"off on {device.type}: graphs are CUDA's"
+    if process_group:
+        return False, ("off under torchrun: DistributedDataParallel and the collectives of a "
+                       "step cannot be captured")
     if replicas > 1:
         return False, f"off: a step spans {replicas} devices"
     if scaled:
@@ -73,6 +98,41 @@ def use_cuda_graphs(requested: "bool | str", device: torch.device, replicas: int
     if requested == "auto":
         return True, "one CUDA device: whole steps captured and replayed"
     return bool(requested), "as requested"
+
+
+def resolve_cuda_graphs(args: argparse.Namespace, runtime: Runtime) -> Tuple[bool, bool, str]:
+    """A script's ``--cuda_graphs`` in this process: (on, strict, why).  ``strict``:
+    the flag was given, so a failed capture stops the run."""
+    scaled = getattr(args, "amp", False) and getattr(args, "amp_dtype", "") == "float16"
+    enabled, why = use_cuda_graphs(args.cuda_graphs, runtime.device, parallel.replicas(runtime),
+                                   scaled, process_group=dist.is_initialized())
+    return enabled, args.cuda_graphs is True, why
+
+
+def place_step_counters(optimizer: torch.optim.Optimizer) -> None:
+    """Put each parameter's step counter where this optimizer's step reads it: on the
+    parameter's device for a capturable or fused step, on the CPU for the eager one
+    (a host number: no read-back per step)."""
+    for group in optimizer.param_groups:
+        on_device = group.get("capturable") or group.get("fused")
+        for param in group["params"]:
+            param_state = optimizer.state.get(param, {})
+            step = param_state.get("step")
+            if isinstance(step, torch.Tensor):
+                param_state["step"] = step.to(param.device if on_device else "cpu", torch.float32)
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The first error of ``error``'s chain of contexts."""
+    seen = {id(error)}
+    while error.__context__ is not None and id(error.__context__) not in seen:
+        error = error.__context__
+        seen.add(id(error))
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 def _shapes(tensors: Sequence[torch.Tensor]) -> Shapes:
@@ -92,6 +152,8 @@ class GraphGroup:
         self.log = log
         self.failed = False
         self.graphs: List["StepGraph"] = []
+        # Optimizers created capturable for the graphs: eager again after a fallback.
+        self.capturable: List[torch.optim.Optimizer] = []
 
     def release(self, keep: Optional["StepGraph"] = None) -> None:
         for graph in self.graphs:
@@ -99,13 +161,21 @@ class GraphGroup:
                 graph.reset()
 
     def fail(self, what: str, error: Exception) -> None:
-        cause = f"{what} failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})"
+        """``what`` failed with ``error``: stop (strict), or log the root cause and run
+        every step eagerly from now on."""
+        cause = root_cause(error)
+        then = "" if cause is error else f"; then {_first_line(error)}"
+        reason = f"{what} failed ({_first_line(cause)}{then})"
         if self.strict:
-            raise UserError(f"CUDA graphs: {cause}; --cuda_graphs was given, so the run stops: "
+            raise UserError(f"CUDA graphs: {reason}; --cuda_graphs was given, so the run stops: "
                             f"run with --no-cuda_graphs (or leave the flag out to fall back to "
                             f"eager steps)") from None
         self.failed = True
-        self.log(f"CUDA graphs: {cause}; the run continues without CUDA graphs, every step "
+        for optimizer in self.capturable:
+            for group in optimizer.param_groups:
+                group["capturable"] = False
+            place_step_counters(optimizer)
+        self.log(f"CUDA graphs: {reason}; the run continues without CUDA graphs, every step "
                  f"eager (--no-cuda_graphs turns them off and silences this line)")
 
 
@@ -156,6 +226,20 @@ class StepGraph:
     def captured(self) -> bool:
         return self._graph is not None
 
+    def feed(self, place: Callable[..., Sequence[torch.Tensor]], *batch: torch.Tensor,
+             first: int = 0) -> Tuple[torch.Tensor, ...]:
+        """``batch`` (on the host or the device) where the next call takes it, as its
+        inputs ``first``, ``first + 1``, ...: copied straight into the static inputs
+        when the next call replays the graph (one copy per batch, nothing allocated),
+        else brought to the device by ``place`` for an eager step or a capture."""
+        statics = self._static_inputs[first:first + len(batch)]
+        if (self.enabled and self._graph is not None
+                and _shapes(batch) == self._shapes[first:first + len(batch)]):
+            for static, tensor in zip(statics, batch):
+                static.copy_(tensor, non_blocking=True)
+            return tuple(statics)
+        return tuple(place(*batch))
+
     def __call__(self, *inputs: torch.Tensor) -> Any:
         if not self.enabled:
             return self.step(*inputs)
@@ -168,7 +252,8 @@ class StepGraph:
             if not self._guarded("capturing the step", self._capture, inputs):
                 return self.step(*inputs)
         for static, tensor in zip(self._static_inputs, inputs):
-            static.copy_(tensor, non_blocking=True)
+            if tensor is not static:  # fed already (``feed``)
+                static.copy_(tensor, non_blocking=True)
         if not self._guarded("replaying the step", self._graph.replay):
             return self.step(*inputs)
         return self._static_outputs
@@ -204,8 +289,24 @@ class StepGraph:
         if self.group is not None:
             self.group.release(keep=self)  # before the capture empties PyTorch's cache
         graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (pin memory) cannot break the capture.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._static_outputs = self.step(*self._static_inputs)
+        stream = torch.cuda.Stream()
+        try:
+            # The capture stream entered in a context of our own as well: torch 2.14's
+            # graph.__exit__ ends the capture before it leaves the stream, so a failing
+            # end would leave the capture stream current for the rest of the run.
+            # thread_local: CUDA calls of other threads (pin memory) cannot break the capture.
+            with torch.cuda.stream(stream), torch.cuda.graph(
+                    graph, stream=stream, capture_error_mode="thread_local"):
+                self._static_outputs = self.step(*self._static_inputs)
+        except Exception:
+            _drop(graph)
+            raise
         self._graph = graph
         self.captures += 1
+
+
+def _drop(graph: torch.cuda.CUDAGraph) -> None:
+    """Free what a failed capture holds, its graph and private pool, then PyTorch's
+    cache.  (Should this raise as well, the capture's error stays the root cause.)"""
+    graph.reset()
+    torch.cuda.empty_cache()

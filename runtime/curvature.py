@@ -7,8 +7,10 @@ where it is large generalise badly.  ``--hessian_every K`` computes it every K e
 
 How it is computed, so that computing it changes nothing in the search:
 
-- power iteration on exact Hessian-vector products (double backward), in float32
-  and outside autocast, from a fixed start vector drawn by a private generator;
+- power iteration on exact Hessian-vector products (double backward), in IEEE
+  float32 (on CUDA not TF32, whose ~1e-3 relative noise per product is far above the
+  1e-5 tolerance: the architect's context, ``precision.exact_float32``) and outside
+  autocast, from a fixed start vector drawn by a private generator;
 - on a fixed subset of the architecture half (``fixed_subset``), in batches of the
   search's batch size; BatchNorm normalises with batch statistics, as in the
   architect's validation loss, and leaves its running statistics alone;
@@ -35,6 +37,7 @@ from torch.utils.data import Dataset
 
 from model_search import Network
 from runtime.parallel import Runtime, all_reduce_mean_, broadcast_
+from runtime.precision import exact_float32
 from runtime.recompute import batch_norms, batch_statistics_only
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -77,14 +80,16 @@ def fixed_subset(dataset: Dataset, count: int, batch_size: int, runtime: Runtime
 @contextlib.contextmanager
 def double_backward_mode(network: Network) -> Iterator[None]:
     """Training mode (BatchNorm on batch statistics, as in the architect's step) with
-    plain forwards (``RecomputedPart`` refuses double backward), float32 outside
-    autocast; every module's mode and the recompute flag are restored after."""
+    plain forwards (``RecomputedPart`` refuses double backward), IEEE float32 outside
+    autocast; every module's mode, the recompute flag and the float32 settings are
+    restored after."""
     modes = [(module, module.training) for module in network.modules()]
     recompute = network.recompute
     network.train()
     network.recompute = False
     try:
-        with torch.autocast(next(network.parameters()).device.type, enabled=False):
+        with torch.autocast(next(network.parameters()).device.type, enabled=False), \
+                exact_float32():
             yield
     finally:
         network.recompute = recompute

@@ -10,12 +10,13 @@ image to exactly one process instead.  Where loader workers cannot keep up with 
 GPU, ``DeviceCIFARLoader`` makes the CIFAR training batches on the device, from
 the split kept there as uint8 (``cifar_train_pixels``).
 """
+import argparse
 import os
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision import datasets, transforms
 
 from runtime.errors import UserError
@@ -265,6 +266,14 @@ def use_device_loader(requested: "bool | str", device: torch.device, dataset: st
     return False, f"auto: off on {device.type}, DataLoader workers augment beside the step"
 
 
+def add_device_loader_flag(parser: argparse.ArgumentParser) -> None:
+    """``--device_loader``, for the search and the CIFAR train scripts."""
+    parser.add_argument("--device_loader", action=argparse.BooleanOptionalAction, default="auto",
+                        help="keep the training split on the device as uint8 and crop, flip and "
+                             "cut out batches there, instead of DataLoader workers ('auto': on "
+                             "for a GPU)")
+
+
 def cifar_train_pixels(data_dir: str, dataset: str,
                        workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """The CIFAR training split as (uint8 images (N, 3, 32, 32), int64 labels, classes),
@@ -365,3 +374,18 @@ class DeviceCIFARLoader:
             inside = (pixels >= centres[:, :, None] - half) & (pixels < centres[:, :, None] + half)
             out.masked_fill_(inside[:, 0, None, :, None] & inside[:, 1, None, None, :], 0)
         return out
+
+
+def device_cifar_loader(pixels: Tuple[torch.Tensor, torch.Tensor], part: Dataset, batch_size: int,
+                        runtime: Runtime, dataset: str, cutout_length: int, seed: int,
+                        channels_last: bool) -> DeviceCIFARLoader:
+    """A ``DeviceCIFARLoader`` over the images of ``part``, where ``make_loader(part,
+    batch_size, runtime, shuffle=True, seed=seed, drop_last=True)`` would be:
+    ``part`` is the training split whose (images, labels) are ``pixels``
+    (``cifar_train_pixels``), or a ``Subset`` of it (a half of the search, the
+    trained part of ``--holdout_portion``)."""
+    images, labels = pixels
+    if isinstance(part, Subset):
+        images, labels = images[part.indices], labels[part.indices]
+    return DeviceCIFARLoader(images, labels, batch_size, runtime, dataset,
+                             cutout_length=cutout_length, seed=seed, channels_last=channels_last)

@@ -8,6 +8,7 @@ resumed from it (``--checkpoint_path``) writes on into the same directory and en
 bit-identical to an uninterrupted run.
 """
 import argparse
+import functools
 import math
 import os
 import random
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from genotypes import Genotype, genotype_to_dict
 from runtime import parallel
 from runtime.atomic import atomic_write
+from runtime.cuda_graphs import StepGraph, place_step_counters
 from runtime.errors import UserError
 from runtime.parallel import Runtime
 from runtime.precision import Precision, memory_format
@@ -45,7 +47,8 @@ CHECKPOINT_KEYS = ("state_dict", "scaler", "epoch", "rng", "args", "genotype")
 RUN_SETTINGS = ("capturable", "foreach", "fused", "differentiable")
 RESUME_FREE_FLAGS = frozenset({"checkpoint_path", "data", "exp_path", "workers", "report_freq",
                                "amp", "amp_dtype", "channels_last", "recompute", "epochs",
-                               "arch", "arch_path", "cuda_graphs", "device_loader"})
+                               "arch", "arch_path", "cuda_graphs", "device_loader",
+                               "deterministic"})
 
 
 # -- the run directory -------------------------------------------------------------------
@@ -76,16 +79,19 @@ class RunClock:
         self.seconds = 0.0
         self.epochs_timed = 0
 
-    def epoch_done(self, images: int, step_seconds: float, epoch_seconds: float) -> str:
-        """``images`` (all processes) went through the steps in ``step_seconds`` of an
-        epoch that took ``epoch_seconds`` in all: the speed, and the time the remaining
-        epochs take at this run's mean epoch time."""
+    def epoch_done(self, images: int, iterations: int, step_seconds: float,
+                   epoch_seconds: float) -> str:
+        """``images`` (all processes) went through ``iterations`` steps in
+        ``step_seconds`` of an epoch that took ``epoch_seconds`` in all: the speed, the
+        seconds per iteration, and the time the remaining epochs take at this run's
+        mean epoch time."""
         self.epochs_left -= 1
         self.seconds += epoch_seconds
         self.epochs_timed += 1
         remaining = int(round(self.seconds / self.epochs_timed * self.epochs_left))
         hours, rest = divmod(remaining, 3600)
         return (f"{images / max(step_seconds, 1e-9):.0f} img/s, "
+                f"{step_seconds / max(iterations, 1):.4f} s/it, "
                 f"eta {hours}:{rest // 60:02d}:{rest % 60:02d}")
 
 
@@ -193,15 +199,17 @@ Step = Callable[[torch.Tensor, torch.Tensor], Tuple[Optional[torch.Tensor], torc
 
 
 def run_epoch(loader: Iterable, step: Step, runtime: Runtime, channels_last: bool, desc: str,
-              topk: Sequence[int] = (1,), report_freq: int = 0,
-              log: Optional[RunLog] = None) -> Tuple[float, Accuracy]:
-    """Run ``step`` on every batch of this process's ``loader`` (moved to the device);
-    returns the mean loss and the top-k accuracy over all processes.  Every
+              topk: Sequence[int] = (1,), report_freq: int = 0, log: Optional[RunLog] = None,
+              graph: Optional[StepGraph] = None) -> Tuple[float, Accuracy]:
+    """Run ``step`` on every batch of this process's ``loader`` (moved to the device, or
+    with ``graph``, the ``StepGraph`` the step runs, copied straight into its static
+    inputs); returns the mean loss and the top-k accuracy over all processes.  Every
     ``report_freq`` steps the running figures go to the progress bar and ``log``."""
     metrics = EpochMetrics(runtime.device, topk)
+    place = functools.partial(to_device, runtime=runtime, channels_last=channels_last)
     bar = progress(loader, runtime, desc=desc, leave=False)
-    for number, (images, targets) in enumerate(bar, 1):
-        images, targets = to_device(images, targets, runtime, channels_last)
+    for number, batch in enumerate(bar, 1):
+        images, targets = graph.feed(place, *batch) if graph is not None else place(*batch)
         loss, logits = step(images, targets)
         metrics.update(loss, logits, targets)
         if report_freq and number % report_freq == 0:
@@ -211,12 +219,12 @@ def run_epoch(loader: Iterable, step: Step, runtime: Runtime, channels_last: boo
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, forward: Step, runtime: Runtime,
+def evaluate(model: nn.Module, loader: Iterable, forward: StepGraph, runtime: Runtime,
              channels_last: bool, desc: str, topk: Sequence[int] = (1,)) -> Tuple[float, Accuracy]:
-    """``run_epoch`` in evaluation mode, without gradients.  Deterministic: the same
-    weights, batch size and precision give the same counts."""
+    """``run_epoch`` of the ``forward`` graph in evaluation mode, without gradients.
+    Deterministic: the same weights, batch size and precision give the same counts."""
     model.eval()
-    return run_epoch(loader, forward, runtime, channels_last, desc, topk)
+    return run_epoch(loader, forward, runtime, channels_last, desc, topk, graph=forward)
 
 
 def weight_step(loss: torch.Tensor, optimizer: Optimizer, parameters: Iterable[nn.Parameter],
@@ -352,7 +360,7 @@ def save_checkpoint(run_dir: Optional[str], runtime: Runtime, network: nn.Module
     """Write ``checkpoint.pt``: the bare network, each optimizer under its key, the
     scaler, the epochs done, every process's random state, the flags, the genotype and
     ``extra``.  Every process calls it (the random states are gathered); rank 0 writes."""
-    rng = parallel.gather_objects(rng_state())
+    rng = parallel.gather_objects(rng_state(parallel.cuda_devices(runtime)))
     if runtime.is_main:
         atomic_save({
             "state_dict": network.state_dict(),
@@ -413,13 +421,7 @@ def load_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any]) -> None
     optimizer.load_state_dict(state)
     for group, settings in zip(optimizer.param_groups, own):
         group.update(settings)
-        on_device = group.get("capturable") or group.get("fused")
-        for param in group["params"]:
-            param_state = optimizer.state.get(param, {})
-            step = param_state.get("step")
-            if isinstance(step, torch.Tensor):
-                param_state["step"] = step.to(param.device if on_device else "cpu",
-                                              torch.float32)
+    place_step_counters(optimizer)
 
 
 # -- random state ------------------------------------------------------------------------------
@@ -430,31 +432,43 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> Dict[str, Any]:
-    """Every RNG the runs use, for resumable checkpoints."""
+def rng_state(devices: Sequence[torch.device] = ()) -> Dict[str, Any]:
+    """Every RNG the run uses, for resumable checkpoints: Python's, NumPy's, the CPU's
+    and those of ``devices`` (``parallel.cuda_devices``: the CUDA devices the run uses,
+    in that order)."""
     name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     # Plain Python values and tensors only, so checkpoints load with weights_only=True.
-    state = {"python": random.getstate(),
-             "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {"python": random.getstate(),
+            "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)],
+            "torch": torch.get_rng_state(),
+            "cuda_devices": [torch.cuda.get_rng_state(device) for device in devices]}
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], devices: Sequence[torch.device] = ()) -> None:
+    """Continue the streams of ``state`` (``rng_state``'s) on this process's ``devices``.
+
+    The i-th CUDA device the run uses takes the i-th saved state: a run resumed on fewer
+    devices drops the others' states, one on more devices (or from a CPU run) keeps the
+    seeded state on the devices the checkpoint has none for.  A checkpoint written
+    before ``cuda_devices`` holds one state per GPU that was visible (``cuda``): each
+    device takes the state of its own index there, or the first."""
     random.setstate(state["python"])
     name, keys, position, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda_devices")
+    if saved is None:
+        visible = state.get("cuda", [])
+        saved = [visible[device.index] if device.index < len(visible) else visible[0]
+                 for device in devices] if visible else []
+    for device, device_state in zip(devices, saved):
+        torch.cuda.set_rng_state(device_state, device)
 
 
 def restore_rng(states: List[Dict[str, Any]], runtime: Runtime, seed: int) -> None:
     """Each process continues its own random streams (a process the checkpoint did
     not have, after a change of process count, starts from its seed)."""
     if runtime.rank < len(states):
-        set_rng_state(states[runtime.rank])
+        set_rng_state(states[runtime.rank], parallel.cuda_devices(runtime))
     else:
         set_seed(seed + runtime.rank)

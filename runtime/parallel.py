@@ -69,6 +69,17 @@ def replicas(runtime: Runtime) -> int:
     return torch.cuda.device_count() if data_parallel(runtime) else runtime.world_size
 
 
+def cuda_devices(runtime: Runtime) -> List[torch.device]:
+    """The CUDA devices this process's steps run on, and draw random numbers on: every
+    visible GPU under DataParallel, else its own; none on the CPU."""
+    if runtime.device.type != "cuda":
+        return []
+    if data_parallel(runtime):
+        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    index = runtime.device.index
+    return [torch.device("cuda", torch.cuda.current_device() if index is None else index)]
+
+
 def wrap(model: nn.Module, runtime: Runtime, ignore: Sequence[str] = ()) -> nn.Module:
     """Wrap ``model`` (already on ``runtime.device``) for data parallelism.
 

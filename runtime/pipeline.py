@@ -83,6 +83,8 @@ def add_reproduce_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=2,
                         help="seed of the first search and final training; the others count up")
     parser.add_argument("--workers", type=int, default=None, help="loader workers of every job")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="every job with --deterministic (repeatable numbers on GPUs)")
     parser.add_argument("--location", default=None, help="train_search.py's --location")
     parser.add_argument("--space", default=None,
                         help="train_search.py's --space (default: its own, darts)")
@@ -191,6 +193,7 @@ def common_flags(settings: Mapping[str, Any], options: argparse.Namespace, stage
     flags = ["--data", options.data, "--init_ch", str(settings[f"{stage}_init_ch"]),
              "--layers", str(settings[f"{stage}_layers"]),
              "--batchsz", str(settings[f"{stage}_batchsz"])]
+    flags += ["--deterministic"] if options.deterministic else []
     return flags + (["--workers", str(options.workers)] if options.workers is not None else [])
 
 

@@ -1,5 +1,6 @@
 """Mixed precision for search and training: one object owning the autocast
-context and, for float16, the gradient scaler.
+context and, for float16, the gradient scaler; IEEE float32 where TF32 would round
+too coarsely; and how kernels are chosen (``--deterministic``).
 
 bfloat16 (the default with ``--amp``) has float32's range and needs no scaling;
 float16 needs a GradScaler against underflow.  Parameters and optimizer state stay
@@ -7,7 +8,8 @@ in float32: autocast only changes the dtype inside forward passes.  The search's
 architecture step ignores it and runs in float32 (see architect.py)."""
 import argparse
 import contextlib
-from typing import Any, ContextManager, Iterator, Mapping
+import os
+from typing import Any, ContextManager, Iterator, Mapping, Tuple
 
 import torch
 
@@ -40,6 +42,17 @@ class Precision:
             " with gradient scaling" if self.scaler.is_enabled() else "")
 
 
+def float32_settings() -> Tuple[str, str, str]:
+    """How CUDA computes float32 now: the matrix-product precision ('highest' is IEEE),
+    and the ``fp32_precision`` of matrix products and of cuDNN's convolutions
+    ('ieee' or 'tf32')."""
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.cudnn.conv.fp32_precision)
+
+
+IEEE_FLOAT32 = ("highest", "ieee", "ieee")  # float32_settings() inside exact_float32()
+
+
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
     """CUDA's float32 matrix products and convolutions in IEEE float32, not TF32, inside
@@ -54,7 +67,7 @@ def exact_float32() -> Iterator[None]:
     ``set_float32_matmul_precision``, which keeps the legacy and the new setting in
     step: torch refuses a matrix product while the two disagree."""
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = torch.get_float32_matmul_precision(), matmul.fp32_precision, conv.fp32_precision
+    before = float32_settings()
     torch.set_float32_matmul_precision("highest")
     conv.fp32_precision = "ieee"
     try:
@@ -62,6 +75,55 @@ def exact_float32() -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(before[0])
         matmul.fp32_precision, conv.fp32_precision = before[1:]
+
+
+# cuBLAS's deterministic workspace setting, which torch.use_deterministic_algorithms
+# requires on CUDA: read when cuBLAS starts, so set before the run's first kernel.
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def add_deterministic_flag(parser: argparse.ArgumentParser) -> None:
+    """``--deterministic``, for the search and the train and test scripts
+    (``kernel_choice``)."""
+    parser.add_argument("--deterministic", action="store_true",
+                        help="the same numbers from run to run on a GPU too (same card and "
+                             "software): cuDNN's deterministic kernels without benchmarking, "
+                             "torch.use_deterministic_algorithms with CUBLAS_WORKSPACE_CONFIG, "
+                             "deterministic replacements where an op has none; slower")
+
+
+def deterministic_mode(args: argparse.Namespace) -> str:
+    """``--deterministic`` as the run's log says it."""
+    return ("deterministic kernels (--deterministic)" if args.deterministic else
+            "fastest kernels (cuDNN benchmarks on a GPU; --deterministic for repeatable runs)")
+
+
+@contextlib.contextmanager
+def kernel_choice(deterministic: bool, device: torch.device) -> Iterator[None]:
+    """How the run's kernels are chosen, inside the block; the settings before it come
+    back after.  By default cuDNN benchmarks its convolution algorithms on a GPU
+    (fastest, but the choice, and some kernels' atomic additions, vary from run to
+    run).  ``deterministic``: cuDNN's deterministic algorithms without benchmarking,
+    ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel
+    raises; the project replaces those it uses, e.g. ``attentions.global_max_pool``)
+    and cuBLAS's deterministic workspace (an environment variable a user set wins)."""
+    cudnn = torch.backends.cudnn
+    before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              os.environ.get(CUBLAS_WORKSPACE[0]))
+    if deterministic:
+        os.environ.setdefault(*CUBLAS_WORKSPACE)
+        cudnn.benchmark, cudnn.deterministic = False, True
+        torch.use_deterministic_algorithms(True)
+    else:
+        cudnn.benchmark = device.type == "cuda"
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+        if before[4] is None:
+            os.environ.pop(CUBLAS_WORKSPACE[0], None)
 
 
 def add_precision_flags(parser: argparse.ArgumentParser,

@@ -21,6 +21,7 @@ early on either (--early_stop, early_stop.py).
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ from runtime.collapse_fixes import EARLIER_FLAGS as VARIANT_FLAGS
 from runtime.collapse_fixes import Variant, check_variant_flags
 from runtime.collapse_fixes import describe as describe_variant
 from runtime.complexity import count_parameters
-from runtime.cuda_graphs import StepGraph, run_graphs, use_cuda_graphs
+from runtime.cuda_graphs import StepGraph, resolve_cuda_graphs, run_graphs
 from runtime.diagnostics import describe, epoch_diagnostics, scalars
 from runtime.early_stop import EarlyStop
 from runtime.errors import UserError
@@ -55,7 +56,8 @@ from runtime.experiment import (GENOTYPE, Accuracy, RunClock, RunLog, checkpoint
 from runtime.history import record_epoch
 from runtime.metrics import Metrics, heatmap_image
 from runtime.parallel import Runtime
-from runtime.precision import Precision, memory_format, resolve_channels_last
+from runtime.precision import (Precision, deterministic_mode, kernel_choice, memory_format,
+                               resolve_channels_last)
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 # Set to 1: each process prints a hash of the architecture after every search step.
@@ -123,9 +125,11 @@ def search_epoch(model: nn.Module, architect: Architect, optimizer: torch.optim.
     graph = graph if graph is not None else StepGraph(iteration, enabled=False)
     graph.reset(iteration)
 
+    place = functools.partial(to_device, runtime=runtime, channels_last=args.channels_last)
+
     def step(images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         nonlocal steps
-        valid = () if frozen else to_device(*next(arch_batches), runtime, args.channels_last)
+        valid = () if frozen else graph.feed(place, *next(arch_batches), first=2)
         result = graph(images, targets, *valid)
         steps += 1
         if trace:
@@ -139,7 +143,7 @@ def search_epoch(model: nn.Module, architect: Architect, optimizer: torch.optim.
         return result
 
     return run_epoch(train_loader, step, runtime, args.channels_last, "search",
-                     report_freq=args.report_freq, log=log)
+                     report_freq=args.report_freq, log=log, graph=graph)
 
 
 def evaluate_supernet(model: nn.Module, loader: torch.utils.data.DataLoader, precision: Precision,
@@ -362,12 +366,13 @@ def search(args: argparse.Namespace) -> None:
     try:
         args.channels_last = search_channels_last(args, runtime.device)
         args.recompute, recompute_reason = resolve_recompute(args.recompute, runtime.device)
-        strict_graphs = args.cuda_graphs is True  # asked for: a failed capture stops the run
-        args.cuda_graphs, graphs_reason = use_cuda_graphs(
-            args.cuda_graphs, runtime.device, parallel.replicas(runtime),
-            scaled=args.amp and args.amp_dtype == "float16")
-        reasons = {"recompute": recompute_reason, "cuda_graphs": graphs_reason}
-        run_search(args, location, runtime, early_stop, reasons, strict_graphs)
+        args.cuda_graphs, strict_graphs, graphs_reason = resolve_cuda_graphs(args, runtime)
+        args.device_loader, loader_reason = data.use_device_loader(args.device_loader,
+                                                                   runtime.device, args.dataset)
+        reasons = {"recompute": recompute_reason, "cuda_graphs": graphs_reason,
+                   "device_loader": loader_reason}
+        with kernel_choice(args.deterministic, runtime.device):
+            run_search(args, location, runtime, early_stop, reasons, strict_graphs)
     finally:
         parallel.teardown()
 
@@ -443,13 +448,21 @@ def load_search_data(args: argparse.Namespace, runtime: Runtime,
                      resume_dir: Optional[str] = None) -> SearchData:
     """The weight and architecture halves, with this process's loaders."""
     weight_half, arch_half, origin, sample_lists = search_images(args, resume_dir)
+    cutout_length = args.cutout_length if args.cutout else 0
     # drop_last: a final batch of one image would break the BatchNorm1d inside BAM, and
     # a CUDA graph replays one batch shape.
-    train_loader = data.make_loader(weight_half, args.batchsz, runtime, shuffle=True,
-                                    workers=args.workers, seed=args.seed, drop_last=True)
-    arch_batches = data.CyclingLoader(data.make_loader(
-        arch_half, args.batchsz, runtime, shuffle=True, workers=args.workers,
-        seed=args.seed + 1, drop_last=True))
+    if args.device_loader:  # the same images per batch, augmented on the device
+        pixels = data.cifar_train_pixels(args.data, args.dataset, workers=args.workers)[:2]
+        train_loader, arch_loader = (
+            data.device_cifar_loader(pixels, half, args.batchsz, runtime, args.dataset,
+                                     cutout_length, seed, args.channels_last)
+            for half, seed in ((weight_half, args.seed), (arch_half, args.seed + 1)))
+    else:
+        train_loader, arch_loader = (
+            data.make_loader(half, args.batchsz, runtime, shuffle=True, workers=args.workers,
+                             seed=seed, drop_last=True)
+            for half, seed in ((weight_half, args.seed), (arch_half, args.seed + 1)))
+    arch_batches = data.CyclingLoader(arch_loader)
     valid_loader = data.make_eval_loader(arch_half, args.batchsz, runtime, args.workers)
     if len(train_loader) == 0 or len(arch_batches.loader) == 0:
         raise UserError(f"{len(weight_half)} and {len(arch_half)} images for the weights and the "
@@ -484,6 +497,8 @@ def build_supernet(args: argparse.Namespace, location: AttLocation, runtime: Run
     architect = Architect(model, optimizer, args.arch_lr, args.arch_wd, args.unrolled,
                           capturable=args.cuda_graphs, variant=Variant(args, network),
                           grad_clip=args.arch_grad_clip)
+    if args.cuda_graphs:  # after a failed capture its steps are eager again
+        graphs[0].group.capturable.append(architect.optimizer)
     # The same images every time the eigenvalue is measured, after a resume too.
     hessian_batches = (curvature.fixed_subset(halves.arch_half, halves.hessian_images,
                                               args.batchsz, runtime, args.channels_last)
@@ -499,7 +514,9 @@ def start_or_resume(state: Optional[Dict[str, Any]], path: Optional[str], net: S
     network = net.network
     # How this process computes: a resumed run may do it otherwise than its checkpoint's.
     modes = (f"recompute {'on' if args.recompute else 'off'} ({reasons['recompute']}); CUDA "
-             f"graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']})")
+             f"graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']}); device "
+             f"loader {'on' if args.device_loader else 'off'} ({reasons['device_loader']}); "
+             f"{deterministic_mode(args)}")
     if state is not None:
         halves.arch_batches.load_state_dict(state["arch_batches"])
         restore(state, path, network, net.optimizers, net.precision, runtime, args.seed)
@@ -553,8 +570,6 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
                             earlier={**EARLIER_FLAGS, **VARIANT_FLAGS}) if path else None
     # Same seed on every process: identical initial weights and architecture.
     set_seed(args.seed)
-    if runtime.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     halves = load_search_data(args, runtime,
                               os.path.dirname(os.path.abspath(path)) if path else None)
     # Created only once the data is there: a failed start leaves no empty directory.
@@ -587,7 +602,8 @@ def run_search(args: argparse.Namespace, location: AttLocation, runtime: Runtime
         result = train_and_validate(net, halves, scheduler, epoch, runtime, args, log)
         epochs.set_postfix_str(f"train {result['train_acc'].percent():.2f}% "
                                f"valid {result['valid_acc'].percent():.2f}%")
-        speed = clock.epoch_done(len(halves.train_loader) * args.batchsz * runtime.world_size,
+        iterations = len(halves.train_loader)
+        speed = clock.epoch_done(iterations * args.batchsz * runtime.world_size, iterations,
                                  result["step_seconds"], result["seconds"])
         if end_of_epoch(net, halves, progress_state, result, speed, early_stop, args, runtime,
                         metrics, scheduler, log, run_dir):

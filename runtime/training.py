@@ -28,14 +28,14 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from genotypes import NAMED_GENOTYPES, Genotype, genotype_to_dict, resolve_genotype, save_genotype
 from model import NetworkCIFAR, NetworkImageNet
 from runtime import data, parallel
 from runtime.complexity import count_macs, count_parameters
-from runtime.cuda_graphs import (GraphGroup, StepGraph, add_cuda_graph_flag, run_graphs,
-                                 use_cuda_graphs)
+from runtime.cuda_graphs import (GraphGroup, StepGraph, add_cuda_graph_flag, resolve_cuda_graphs,
+                                 run_graphs)
 from runtime.errors import UserError
 from runtime.experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog, atomic_save,
                                 checkpoint_file, evaluate, load_checkpoint, load_weights, progress,
@@ -43,7 +43,8 @@ from runtime.experiment import (CHECKPOINT, GENOTYPE, Accuracy, RunClock, RunLog
                                 save_checkpoint, set_seed, weight_step)
 from runtime.metrics import Metrics
 from runtime.parallel import Runtime
-from runtime.precision import Precision, add_precision_flags, memory_format
+from runtime.precision import (Precision, add_deterministic_flag, add_precision_flags,
+                               deterministic_mode, kernel_choice, memory_format)
 
 CIFAR_DEFAULTS = dict(
     batchsz=96, lr=0.025, wd=3e-4, epochs=600, init_ch=36, layers=20, drop_path_prob=0.2, seed=2,
@@ -82,6 +83,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any
                         help="data loader worker processes (default: %(default)s)")
     add_precision_flags(parser)
     add_cuda_graph_flag(parser)
+    add_deterministic_flag(parser)
 
 
 def add_train_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
@@ -106,11 +108,7 @@ def add_train_args(parser: argparse.ArgumentParser, defaults: Mapping[str, Any],
         parser.add_argument("--cutout", action="store_true", help="cutout augmentation")
         parser.add_argument("--cutout_length", type=int, default=16,
                             help="side of the cutout square (default: %(default)s)")
-        parser.add_argument("--device_loader", action=argparse.BooleanOptionalAction,
-                            default="auto",
-                            help="keep the training split on the device as uint8 and crop, flip "
-                                 "and cut out batches there, instead of DataLoader workers "
-                                 "('auto': on for a GPU; default: %(default)s)")
+        data.add_device_loader_flag(parser)
     parser.add_argument("--drop_path_prob", type=float, default=defaults["drop_path_prob"],
                         help="drop-path probability, ramped linearly from 0 over the epochs "
                              "(default: %(default)s)")
@@ -219,7 +217,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
     graph = graph if graph is not None else StepGraph(step, enabled=False)
     graph.reset(step)
     return run_epoch(loader, graph, runtime, args.channels_last, "train",
-                     report_freq=args.report_freq, log=log)
+                     report_freq=args.report_freq, log=log, graph=graph)
 
 
 def test_accuracy(model: nn.Module, loader: DataLoader, runtime: Runtime, precision: Precision,
@@ -271,11 +269,9 @@ def make_train_loader(args: argparse.Namespace, runtime: Runtime, train_set: Dat
     BatchNorm1d, and a CUDA graph replays one batch shape."""
     if args.device_loader:
         images, labels, _ = data.cifar_train_pixels(args.data, dataset, workers=args.workers)
-        if isinstance(train_set, Subset):  # --holdout_portion: only the images trained on
-            images, labels = images[train_set.indices], labels[train_set.indices]
-        loader = data.DeviceCIFARLoader(images, labels, args.batchsz, runtime, dataset,
-                                        cutout_length=args.cutout_length if args.cutout else 0,
-                                        seed=args.seed, channels_last=args.channels_last)
+        loader = data.device_cifar_loader((images, labels), train_set, args.batchsz, runtime,
+                                          dataset, args.cutout_length if args.cutout else 0,
+                                          args.seed, args.channels_last)
     else:
         loader = data.make_loader(train_set, args.batchsz, runtime, shuffle=True,
                                   workers=args.workers, seed=args.seed, drop_last=True)
@@ -323,7 +319,8 @@ def modes_line(args: argparse.Namespace, reasons: Dict[str, str]) -> str:
     """How this process computes, and why: a resumed run may do it otherwise than the
     run that wrote its checkpoint."""
     return (f"CUDA graphs {'on' if args.cuda_graphs else 'off'} ({reasons['cuda_graphs']}); "
-            f"device loader {'on' if args.device_loader else 'off'} ({reasons['device_loader']})")
+            f"device loader {'on' if args.device_loader else 'off'} ({reasons['device_loader']}); "
+            f"{deterministic_mode(args)}")
 
 
 def log_start(run: TrainingRun, args: argparse.Namespace, runtime: Runtime, genotype: Genotype,
@@ -406,10 +403,7 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     reasons = {}
-    strict_graphs = args.cuda_graphs is True  # asked for: a failed capture stops the run
-    args.cuda_graphs, reasons["cuda_graphs"] = use_cuda_graphs(
-        args.cuda_graphs, runtime.device, parallel.replicas(runtime),
-        scaled=args.amp and args.amp_dtype == "float16")
+    args.cuda_graphs, strict_graphs, reasons["cuda_graphs"] = resolve_cuda_graphs(args, runtime)
     args.device_loader, reasons["device_loader"] = data.use_device_loader(
         getattr(args, "device_loader", False), runtime.device, dataset)
     run = prepare_training(args, runtime, network, genotype, train_set, test_set, dataset,
@@ -430,7 +424,8 @@ def fit(args: argparse.Namespace, runtime: Runtime, network: nn.Module, genotype
         result = train_and_test(run, criterion, scheduler, epoch, runtime, args, topk)
         epochs.set_postfix_str(f"train {result['train_acc'].percent():.2f}% "
                                f"{evaluated_on(args)} {run.last_test.percent(topk[0]):.2f}%")
-        speed = clock.epoch_done(len(run.train_loader) * args.batchsz * runtime.world_size,
+        iterations = len(run.train_loader)
+        speed = clock.epoch_done(iterations * args.batchsz * runtime.world_size, iterations,
                                  result["step_seconds"], result["seconds"])
         end_of_training_epoch(run, result, speed, scheduler, metrics, runtime, args, genotype, topk)
     epochs.close()
@@ -449,14 +444,13 @@ def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
     try:
         genotype = resolve_genotype(args.arch, args.arch_path)
         train_set, test_set = load_train_and_eval(args, dataset)
-        if runtime.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
         # The same weights on every process (DDP would broadcast rank 0's anyway),
         # different augmentation and drop-path draws.
         set_seed(args.seed + runtime.rank)
         network = build_network(args, dataset, data.num_classes_of(train_set), genotype)
-        fit(args, runtime, network, genotype, train_set, test_set, criterion.to(runtime.device),
-            make_scheduler, input_size_of(dataset), topk, dataset)
+        with kernel_choice(args.deterministic, runtime.device):
+            fit(args, runtime, network, genotype, train_set, test_set,
+                criterion.to(runtime.device), make_scheduler, input_size_of(dataset), topk, dataset)
     finally:
         parallel.teardown()
 
@@ -473,11 +467,11 @@ def test(args: argparse.Namespace, dataset: str, topk: Sequence[int] = (1,)) -> 
         network.to(runtime.device, memory_format=memory_format(args.channels_last))
         model = network if runtime.distributed else parallel.wrap(network, runtime)
         loader = data.make_eval_loader(test_set, args.batchsz, runtime, args.workers)
-        graphs, _ = use_cuda_graphs(args.cuda_graphs, runtime.device, parallel.replicas(runtime))
-        graph = StepGraph(None, graphs, warmup=1,
-                          group=GraphGroup(strict=args.cuda_graphs is True))
-        result = test_accuracy(model, loader, runtime, precision_of(args, runtime),
-                               args.channels_last, topk, graph)
+        graphs, strict, _ = resolve_cuda_graphs(args, runtime)
+        graph = StepGraph(None, graphs, warmup=1, group=GraphGroup(strict))
+        with kernel_choice(args.deterministic, runtime.device):
+            result = test_accuracy(model, loader, runtime, precision_of(args, runtime),
+                                   args.channels_last, topk, graph)
         if runtime.is_main:
             print(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded)")
             print(f"test {result}")

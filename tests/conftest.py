@@ -50,6 +50,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def tf32_allowed():
+    """TF32 allowed for convolutions (cuDNN's default) and matrix products; yields
+    those settings (``precision.float32_settings``) and restores the ones before."""
+    import torch
+    from runtime.precision import float32_settings
+
+    before = float32_settings()
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    yield float32_settings()
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before[1:]
+
+
 # Parametrizations left out of the quick tier (``-m "not slow"``) where a faster case
 # of the same test stays in it; whole tests are marked with @pytest.mark.slow.
 SLOW_CASES = (

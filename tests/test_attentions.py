@@ -4,9 +4,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import genotypes
-from attentions import ATTENTIONS, build_attention, upgrade_legacy_keys
+from attentions import ATTENTIONS, build_attention, global_max_pool, upgrade_legacy_keys
+from runtime.dispatch import OpCounter
+from runtime.precision import kernel_choice
 
 SPEC_ATTN_PRIMITIVES = ["Identity", "SE", "BAM", "CBAM", "GE_theta-plus", "DoubleAttention"]
 NON_IDENTITY = SPEC_ATTN_PRIMITIVES[1:]
@@ -363,3 +366,27 @@ def test_upgrade_legacy_keys_leaves_other_attentions_alone():
     upgraded = upgrade_legacy_keys(state)
     assert list(upgraded) == list(state)
     assert all(upgraded[k] is v for k, v in state.items())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_global_max_pool_under_deterministic_algorithms_is_adaptive_max_pooling(channels_last):
+    """CBAM's max-pooled descriptor: adaptive_max_pool2d has no deterministic CUDA
+    backward, so --deterministic takes a max over the flattened map instead.  The same
+    values and gradients, ties included (the first maximum takes the gradient)."""
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = 1.0  # a map of ties
+    x[1, 2, 3, 1] = x[1, 2, 0, 4] = 9.0  # two equal maxima
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = F.adaptive_max_pool2d(reference, 1)
+    with kernel_choice(True, torch.device("cpu")), OpCounter() as ops:
+        pooled = global_max_pool(ours)
+    assert "aten.adaptive_max_pool2d" not in ops.counts and "aten.max" in ops.counts
+    assert torch.equal(pooled, expected)
+    grad = torch.randn(2, 3, 1, 1, generator=torch.Generator().manual_seed(1))
+    pooled.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(ours.grad, reference.grad)
+    with OpCounter() as ops:  # without --deterministic: PyTorch's own kernel
+        global_max_pool(x)
+    assert "aten.adaptive_max_pool2d" in ops.counts

@@ -8,13 +8,17 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from architect import Architect
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
-from runtime.cuda_graphs import StepGraph, add_cuda_graph_flag, use_cuda_graphs
+from runtime.cuda_graphs import (StepGraph, add_cuda_graph_flag, resolve_cuda_graphs,
+                                 run_graphs, use_cuda_graphs)
+from runtime.errors import UserError
+from runtime.parallel import Runtime
 from runtime.precision import Precision
 from runtime.searching import resolve_recompute, search_step
 from runtime.training import train_step
@@ -37,6 +41,27 @@ def test_graphs_are_used_for_one_cuda_device_only():
     add_cuda_graph_flag(parser)
     assert parser.parse_args([]).cuda_graphs == "auto"
     assert parser.parse_args(["--no-cuda_graphs"]).cuda_graphs is False
+
+
+def test_graphs_are_off_under_torchrun_whatever_its_size(tmp_path):
+    """torchrun --nproc_per_node 1 with one CUDA device: a DDP-wrapped model on one
+    device, which must not be captured (DDP's eager iterations, the search's
+    collectives).  A process group of world size 1 (gloo), as the review had."""
+    args = argparse.Namespace(cuda_graphs="auto", amp=False, amp_dtype="bfloat16")
+    runtime = Runtime(CUDA, rank=0, world_size=1, local_rank=0)
+    assert resolve_cuda_graphs(args, runtime)[:2] == (True, False)  # no process group
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        on, strict, why = resolve_cuda_graphs(args, runtime)
+        assert (on, strict) == (False, False) and "off under torchrun" in why
+        args.cuda_graphs = True
+        with pytest.raises(UserError, match="^--cuda_graphs cannot be used under torchrun"):
+            resolve_cuda_graphs(args, runtime)
+        args.cuda_graphs = False
+        assert resolve_cuda_graphs(args, runtime)[0] is False
+    finally:
+        dist.destroy_process_group()
 
 
 def test_recomputation_defaults_to_the_cpu_only():
@@ -147,3 +172,20 @@ def test_a_graphed_evaluation_runs_other_shapes_eagerly():
         for x in batches:
             torch.testing.assert_close(graph(x).clone(), network(x)[0], rtol=1e-5, atol=1e-6)
     assert graph.captures == 1
+
+
+@needs_cuda
+def test_a_real_failed_capture_leaves_the_stream_as_it_was():
+    """A step that reads a tensor back inside the capture: CUDA refuses the copy, the
+    capture's end then fails too, and the fallback runs on the stream that was current
+    (torch.cuda.graph alone would leave its capture stream current)."""
+    lines = []
+    graph, _ = run_graphs(True, False, lines.append)
+    graph.reset(lambda x: (x * float(x.sum()),))
+    graph.warmup = 1
+    x = torch.ones(4, device=CUDA)
+    before = torch.cuda.current_stream()
+    outputs = [graph(x)[0] for _ in range(3)]
+    assert torch.cuda.current_stream() == before
+    assert all(torch.equal(out, x * 4) for out in outputs)
+    assert len(lines) == 1 and "capturing the step failed (" in lines[0] and not graph.enabled

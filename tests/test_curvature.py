@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from model_search import Network
 from runtime import curvature
+from runtime.precision import IEEE_FLOAT32, float32_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,3 +114,21 @@ def test_fixed_subset_is_the_same_every_time_and_shared_out_among_processes():
               for rank in (0, 1)]
     assert [torch.cat([t for _, t in share]).tolist() for share in shares] == [
         [k % 3 for k in (0, 2, 4, 6, 8)], [k % 3 for k in (1, 3, 5, 7)]]
+
+
+def test_the_products_run_in_ieee_float32_as_the_architect_passes(monkeypatch, tf32_allowed):
+    """On an Ampere or newer card cuDNN convolves float32 in TF32 by default: about 1e-3
+    relative noise per product against the 1e-5 tolerance.  Every forward of the power
+    iteration sees IEEE float32; the settings before it come back after."""
+    network = _network()
+    seen = []
+    loss = Network.loss
+
+    def recording(self, *args, **kwargs):
+        seen.append(float32_settings())
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(Network, "loss", recording)
+    curvature.dominant_eigenvalue(network, _batches(), max_iterations=2)
+    assert len(seen) == 4 and set(seen) == {IEEE_FLOAT32}  # 2 products of 2 batches
+    assert float32_settings() == tf32_allowed

@@ -8,13 +8,15 @@ rank and batch only), which lets one image be compared bit for bit with the
 torchvision pipeline given the same decisions.  The statistical bounds are
 chi-square quantiles at p = 1e-6: at a fixed seed a test passes or fails for good,
 and a sampler off by one offset (0..7) exceeds them many times over."""
+import argparse
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import datasets
 
-from runtime import data
+from runtime import data, searching
 from runtime.dispatch import HostSyncGuard
 from runtime.parallel import Runtime
 
@@ -255,3 +257,41 @@ def test_an_empty_image_folder_is_one_clear_error(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
     with pytest.raises(data.UserError, match=f"image folder {tmp_path / 'train'} is unusable"):
         data.cifar_train_pixels(str(tmp_path), "cifar10")
+
+
+def test_the_search_halves_on_the_device_hold_the_dataloaders_images(tmp_path):
+    """train_search.py --device_loader: the weight half's batches, epoch after epoch, and
+    the architecture half's endless batches (across passes, and resumed) hold the images
+    the DataLoader halves hold, batch for batch.  Uniform images (a colour per image)
+    tell which image is where: no crop or flip moves their centre pixel, which the two
+    pipelines compute with the same float32 operations."""
+    for index in range(30):  # 15 images a half: 3 batches of 4 a pass
+        folder = tmp_path / "train" / f"c{index % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = np.array([8 * index, 250 - 8 * index, 25 * (index % 10)], dtype=np.uint8)
+        Image.fromarray(np.broadcast_to(colour, (32, 32, 3)).copy()).save(folder / f"{index}.png")
+
+    def halves(device_loader: bool) -> searching.SearchData:
+        args = argparse.Namespace(data=str(tmp_path), dataset="cifar10", cutout=False,
+                                  cutout_length=16, train_portion=0.5, batchsz=4, workers=0,
+                                  seed=2, channels_last=False, hessian_every=0, hessian_images=4,
+                                  device_loader=device_loader)
+        return searching.load_search_data(args, CPU)
+
+    def seen(batches) -> list:
+        return [(images[:, :, 16, 16], labels) for images, labels in batches]
+
+    def same(a: list, b: list) -> bool:
+        return len(a) == len(b) and all(torch.equal(x, y) for pair in zip(a, b)
+                                        for x, y in zip(*pair))
+
+    host, device = halves(False), halves(True)
+    assert isinstance(device.train_loader, data.DeviceCIFARLoader) and len(device.train_loader) == 3
+    for epoch in range(2):
+        for loader in (host.train_loader, device.train_loader):
+            loader.sampler.set_epoch(epoch)
+        assert same(seen(host.train_loader), seen(device.train_loader))
+    assert same(*[seen(next(half.arch_batches) for _ in range(4)) for half in (host, device)])
+    resumed = halves(True).arch_batches  # after the first batch of the second pass
+    resumed.load_state_dict(device.arch_batches.state_dict())
+    assert same(seen(next(host.arch_batches) for _ in range(3)), seen(next(resumed) for _ in range(3)))

@@ -1,123 +1,38 @@
 """The CUDA-graph path on the CPU, with fakes standing in for torch.cuda's streams,
-``CUDAGraph`` and ``graph``: the capture mode, a failed capture (at the first capture
-and at a later epoch's) in the search and the training loops, one private pool at a
-time, resuming across modes, and the second order's passes in IEEE float32.
-
-The fake capture runs the step and puts every tensor of the network and the
-optimizers (and the random state) back as it found them: a real capture records
-kernels without running them.  A fake replay runs the step on the static inputs and
-copies its outputs into the static outputs, as a replay would."""
+``CUDAGraph`` and ``graph`` (tests/fake_cuda.py): the capture mode, a failed capture
+(at the first capture and at a later epoch's) in the search and the training loops,
+what a failed capture leaves behind, one private pool at a time, resuming across
+modes and device counts, and the second order's passes in IEEE float32."""
 import argparse
 import itertools
-import weakref
-from contextlib import nullcontext
+import os
 from types import SimpleNamespace
 from typing import List
 
 import pytest
 import torch
 import torch.nn as nn
+from fake_cuda import FAILURE, ROOT_CAUSE, SECONDARY, FakeCuda
 from torch.utils.data import DataLoader, TensorDataset
 
 from architect import Architect
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
-from runtime import searching
+from runtime import parallel, searching
 from runtime.cuda_graphs import StepGraph, run_graphs
 from runtime.errors import UserError
-from runtime.experiment import load_optimizer_state, restore, rng_state
+from runtime.experiment import load_optimizer_state, restore, restore_rng, rng_state
 from runtime.parallel import Runtime
-from runtime.precision import Precision, exact_float32
+from runtime.precision import (CUBLAS_WORKSPACE, IEEE_FLOAT32, Precision, exact_float32,
+                               float32_settings, kernel_choice)
 from runtime.training import train_epoch
+
+# Small tensors: one thread is as fast, and immune to the thread contention of a loaded machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 RUNTIME = Runtime(CPU)
-FAILURE = "CUDA error: operation not permitted when stream is capturing"
-
-
-class FakeCuda:
-    """torch.cuda's graph machinery on the CPU (see the module docstring).  ``fail_at``:
-    the capture attempts (counted from 1) that raise, after their step ran and its
-    effects were undone."""
-
-    def __init__(self, fail_at=()):
-        self.fail_at = set(fail_at)
-        self.holders: List[object] = []  # modules and optimizers whose tensors a capture restores
-        self.attempts = 0
-        self.modes: List[str] = []
-        self.graphs: List[weakref.ref] = []
-        self.alive_at_capture: List[int] = []
-        self.grads_at_capture: List[int] = []
-        self.capturing: StepGraph = None
-
-    def tensors(self) -> List[torch.Tensor]:
-        found = []
-        for holder in self.holders:
-            if isinstance(holder, nn.Module):
-                found += list(holder.parameters()) + list(holder.buffers())
-            else:
-                found += [v for state in holder.state.values() for v in state.values()
-                          if isinstance(v, torch.Tensor)]
-        return found
-
-    def alive(self) -> int:
-        return sum(ref() is not None for ref in self.graphs)
-
-    def install(self, monkeypatch) -> "FakeCuda":
-        fake = self
-        original = StepGraph._capture
-
-        def capture(graph, inputs):
-            fake.capturing = graph
-            original(graph, inputs)
-
-        class Graph:
-            def __init__(self):
-                self.owner = fake.capturing
-                fake.graphs.append(weakref.ref(self))
-
-            def replay(self):
-                owner = self.owner
-                outputs = owner.step(*owner._static_inputs)
-                for static, new in zip(owner._static_outputs, outputs):
-                    if static is not None:
-                        static.copy_(new)
-
-        class Capture:
-            def __init__(self, graph, capture_error_mode="global"):
-                fake.modes.append(capture_error_mode)
-
-            def __enter__(self):
-                fake.attempts += 1
-                # This graph exists already: the others must be gone by now.
-                fake.alive_at_capture.append(fake.alive() - 1)
-                fake.grads_at_capture.append(sum(
-                    p.grad is not None for h in fake.holders if isinstance(h, nn.Module)
-                    for p in h.parameters()))
-                self.saved = [t.clone() for t in fake.tensors()]
-                self.rng = torch.get_rng_state()
-
-            def __exit__(self, *exc):
-                with torch.no_grad():
-                    for tensor, saved in zip(fake.tensors(), self.saved):
-                        tensor.copy_(saved)
-                torch.set_rng_state(self.rng)
-                if fake.attempts in fake.fail_at:
-                    raise RuntimeError(FAILURE)
-                return False
-
-        class Stream:
-            def wait_stream(self, other):
-                pass
-
-        monkeypatch.setattr(StepGraph, "_capture", capture)
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", Capture)
-        monkeypatch.setattr(torch.cuda, "Stream", Stream)
-        monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
-        return self
 
 
 def _batches(count: int, size: int, batch: int = 4, seed: int = 0):
@@ -269,6 +184,55 @@ def test_a_failed_replay_runs_that_step_eagerly_once(monkeypatch):
     assert len(lines) == 1 and "replaying the step failed" in lines[0]
 
 
+def test_a_failed_capture_leaves_the_process_as_it_found_it(monkeypatch):
+    """The step fails inside the capture (an op CUDA does not permit while capturing), so
+    the capture's end fails too, with the first error as its context.  torch 2.14 ends
+    the capture before it leaves the capture stream: our own stream context puts the
+    stream that was current back, where the eager fallback runs.  The log names the
+    root cause, the failed graph is reset and dropped, and the architecture's Adam
+    (created capturable for the graphs) takes the eager step again."""
+    fake = FakeCuda(step_fails_at=[1]).install(monkeypatch)
+    streams, lines = [], []
+
+    def step(x):
+        streams.append(fake.current)
+        return (x + 1,)
+
+    graph, _ = run_graphs(True, False, lines.append)
+    graph.reset(fake.failing_step(step))
+    graph.warmup = 0
+    params = [nn.Parameter(torch.zeros(3))]
+    adam = torch.optim.Adam(params, 0.1, foreach=True, capturable=True)
+    # What a capturable step leaves: its counters on the parameters' device.
+    adam.state[params[0]] = {"step": torch.tensor(5.0), "exp_avg": torch.zeros(3),
+                             "exp_avg_sq": torch.zeros(3)}
+    graph.group.capturable.append(adam)
+    assert torch.equal(graph(torch.ones(2))[0], torch.full((2,), 2.0))
+    assert fake.current is fake.default and streams == [fake.default]
+    assert fake.attempts == 1 and fake.dropped == 1 and fake.alive() == 0
+    assert not graph.captured and not graph.enabled
+    assert len(lines) == 1 and lines[0].index(ROOT_CAUSE) < lines[0].index(f"then RuntimeError: {SECONDARY}")
+    assert adam.param_groups[0]["capturable"] is False
+    params[0].grad = torch.ones(3)
+    adam.step()  # eager, on the CPU (a capturable Adam refuses CPU tensors)
+    assert float(adam.state[params[0]]["step"]) == 6.0
+
+
+def test_the_search_registers_its_capturable_adam_with_the_graphs():
+    lines = []
+    import train_search
+
+    args = train_search.parser.parse_args(["--init_ch", "4", "--layers", "3", "--no-recompute",
+                                           "--no-edge_norm", "--no-channels_last",
+                                           "--cuda_graphs"])
+    graphs = run_graphs(True, False, lines.append, steps=2)
+    net = searching.build_supernet(args, "end", RUNTIME, SimpleNamespace(num_classes=10), graphs)
+    group = net.architect.optimizer.param_groups[0]
+    assert group["capturable"] is True
+    net.frozen_graph.group.fail("capturing the step", RuntimeError(FAILURE))
+    assert group["capturable"] is False and len(lines) == 1
+
+
 def test_the_hessian_runs_with_no_graph_held(monkeypatch):
     """--hessian_every: the double backward does not share the card with the graphs'
     pools (their graphs dropped first)."""
@@ -396,23 +360,37 @@ def test_a_capturable_run_moves_the_step_counters_to_the_parameters():
     assert step.dtype == torch.float32 and float(step) == 4.0
 
 
+def test_a_checkpoint_of_two_gpus_resumes_where_one_is_visible(monkeypatch):
+    """A checkpoint written by a run that saw two GPUs (DataParallel, torchrun, another
+    CUDA_VISIBLE_DEVICES), resumed where one is visible: torch.cuda.set_rng_state_all
+    indexed torch.cuda.default_generators by position (an IndexError).  The fake: one
+    default generator (a CPU one), CUDA's lazy initialisation done."""
+    generator = torch.Generator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "default_generators", (generator,))
+    for name, value in {"_lazy_init": lambda: None, "is_initialized": lambda: True,
+                        "_lazy_call": lambda callback, **kwargs: callback()}.items():
+        monkeypatch.setattr(torch.cuda.random, name, value)
+    runtime = Runtime(torch.device("cuda"))
+    states = [torch.Generator().manual_seed(seed).get_state() for seed in (1, 2)]
+    with pytest.raises(IndexError):  # what resuming did
+        torch.cuda.set_rng_state_all(states)
+    restore_rng([{**rng_state(), "cuda": states}], runtime, seed=0)  # the earlier layout
+    assert torch.equal(generator.get_state(), states[0])
+    generator.manual_seed(3)
+    saved = rng_state(parallel.cuda_devices(runtime))  # the devices the run uses
+    assert len(saved["cuda_devices"]) == 1
+    assert torch.equal(saved["cuda_devices"][0], generator.get_state())
+    restore_rng([{**saved, "cuda_devices": states}], runtime, seed=0)
+    assert torch.equal(generator.get_state(), states[0])
+    seeded = generator.manual_seed(4).get_state()
+    restore_rng([rng_state()], runtime, seed=0)  # a CPU run's checkpoint: no device state
+    assert torch.equal(generator.get_state(), seeded)
+
+
 # -- the second order in IEEE float32 ------------------------------------------------------------
-
-def _precision_settings():
-    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
-            torch.backends.cudnn.conv.fp32_precision)
-
-
-@pytest.fixture
-def tf32_allowed():
-    """TF32 allowed for convolutions (cuDNN's default) and matrix products."""
-    before = _precision_settings()
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
-    yield _precision_settings()
-    torch.set_float32_matmul_precision(before[0])
-    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before[1:]
-
 
 @pytest.mark.parametrize("unrolled", [False, True])
 def test_second_order_passes_run_in_ieee_float32(monkeypatch, tf32_allowed, unrolled):
@@ -424,21 +402,40 @@ def test_second_order_passes_run_in_ieee_float32(monkeypatch, tf32_allowed, unro
     loss = Architect._loss
 
     def recording(self, *args):
-        seen.append(_precision_settings())
+        seen.append(float32_settings())
         return loss(self, *args)
 
     monkeypatch.setattr(Architect, "_loss", recording)
     train, valid = _batches(2, 8)
     architect.step(*train, *valid, 0.025)
-    exact = ("highest", "ieee", "ieee")
     # Second order: virtual step, validation at w', both perturbed gradients.
-    assert seen == ([exact] * 4 if unrolled else [tf32_allowed])
-    assert _precision_settings() == tf32_allowed
+    assert seen == ([IEEE_FLOAT32] * 4 if unrolled else [tf32_allowed])
+    assert float32_settings() == tf32_allowed
 
 
 def test_the_float32_settings_come_back_after_an_error(tf32_allowed):
     with pytest.raises(RuntimeError, match="boom"):
         with exact_float32():
-            assert _precision_settings() == ("highest", "ieee", "ieee")
+            assert float32_settings() == IEEE_FLOAT32
             raise RuntimeError("boom")
-    assert _precision_settings() == tf32_allowed
+    assert float32_settings() == tf32_allowed
+
+
+def test_deterministic_kernels_only_inside_the_run():
+    """--deterministic: cuDNN's deterministic algorithms, no benchmarking, PyTorch's
+    deterministic mode, cuBLAS's workspace setting; all as before once the run ends
+    (the tests run the scripts' functions in one process).  Without it cuDNN
+    benchmarks on a GPU."""
+    cudnn = torch.backends.cudnn
+    before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+              os.environ.get(CUBLAS_WORKSPACE[0]))
+    with kernel_choice(True, torch.device("cuda")):
+        assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ[CUBLAS_WORKSPACE[0]] == (before[3] or CUBLAS_WORKSPACE[1])
+    assert (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+            os.environ.get(CUBLAS_WORKSPACE[0])) == before
+    with kernel_choice(False, torch.device("cuda")):
+        assert cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    with kernel_choice(False, CPU):
+        assert not cudnn.benchmark

@@ -107,6 +107,22 @@ def test_slurm_without_submitit_is_one_line(made, tmp_path):
     assert "pip install submitit" in one_line_error(result)
 
 
+def test_deterministic_reaches_every_job_and_every_script_takes_it(tmp_path):
+    import test_CIFAR10
+    import train_CIFAR10
+    import train_search
+
+    opts = options(tmp_path, "--deterministic")
+    settings = pipeline.resolve_settings(opts)
+    search = pipeline.search_jobs(settings, opts, str(tmp_path))[0]
+    select = pipeline.training_job(settings, opts, str(tmp_path), "select", "select-seed2",
+                                   "cell.json", 2)
+    test = pipeline.test_job(settings, opts, str(tmp_path), select, "cell.json")
+    for job, script in ((search, train_search), (select, train_CIFAR10), (test, test_CIFAR10)):
+        assert script.parser.parse_args(job.flags).deterministic is True
+    assert "--deterministic" not in pipeline.search_jobs(settings, options(tmp_path), "d")[0].flags
+
+
 # -- quick: state, retries and the card --------------------------------------------------------
 
 class StandInLauncher:

@@ -121,18 +121,20 @@ def _assert_same_arch(run_a: Path, run_b: Path) -> None:
 def searches(folder, tmp_path_factory) -> dict:
     """The single-process searches: name -> (result, exp directory).
     'first': one first-order epoch at after_every, and at every other location;
-    'two_epochs': 'first' for two epochs.  (Second order, --amp and --no-recompute are
-    searched under torchrun, below.)  'first' and 'two_epochs', which later tests resume
-    and compare, run as their command lines, two at a time; the other locations' searches
-    run in this process (``run_in_process``: no interpreter start-up)."""
+    'two_epochs': 'first' for two epochs; 'device_loader': 'first' with --device_loader.
+    (Second order, --amp and --no-recompute are searched under torchrun, below.)  'first'
+    and 'two_epochs', which later tests resume and compare, run as their command lines,
+    two at a time; the others run in this process (``run_in_process``: no interpreter
+    start-up)."""
     base = tmp_path_factory.mktemp("searches")
     commands = {name: command("train_search.py", *search_flags(folder, base / name, epochs))
                 for name, epochs in (("first", 1), ("two_epochs", 2))}
     results = run_parallel(commands, env=TRACE)
-    for location in LOCATIONS[1:]:
-        results[location] = run_in_process(
-            "train_search.py", *search_flags(folder, base / location, 1, "--location", location),
-            env=TRACE)
+    in_process = {"device_loader": ["--device_loader"],
+                  **{location: ["--location", location] for location in LOCATIONS[1:]}}
+    for name, extra in in_process.items():
+        results[name] = run_in_process("train_search.py", *search_flags(folder, base / name, 1,
+                                                                         *extra), env=TRACE)
     return {name: (result, base / name) for name, result in results.items()}
 
 
@@ -188,6 +190,19 @@ def test_search_moves_the_architecture(searches, torchrun_searches):
     assert any(not torch.equal(first[k], two[k]) for k in first)
 
 
+def test_the_device_loader_feeds_both_halves(searches):
+    """--device_loader (a GPU's default) on the CPU: both halves' batches made from the
+    split kept as uint8 (the same images per batch as 'first', tests/test_device_loader.py;
+    other augmentation draws, so another architecture)."""
+    run = _run_of(searches, "device_loader")
+    _traced_steps(searches["device_loader"][0], [1])
+    _assert_finite(run)
+    assert "device loader on (as requested)" in (run / "log.txt").read_text()
+    assert _checkpoint(run)["arch_batches"] == ARCH_BATCHES_AFTER_ONE_EPOCH
+    first, ours = _arch_state(_run_of(searches, "first")), _arch_state(run)
+    assert any(not torch.equal(first[k], ours[k]) for k in first)
+
+
 # -- 7. every location -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("location", LOCATIONS)
@@ -218,16 +233,19 @@ def test_every_location_searches(searches, location):
 def test_one_epoch_search_extended_to_two_matches_a_two_epoch_search(searches, folder, tmp_path):
     """A finished 1-epoch search, resumed with --epochs 2, takes the very steps of a
     2-epoch search (the first epoch runs at the initial learning rate in both); its
-    architecture loader resumes inside its second pass."""
+    architecture loader resumes inside its second pass.  Resumed with --deterministic:
+    on the CPU deterministic kernels compute the same numbers."""
     straight = _run_of(searches, "two_epochs")
     straight_steps = _traced_steps(searches["two_epochs"][0], [1, 2])
     run = tmp_path / "exp" / "extended"
     shutil.copytree(_run_of(searches, "first"), run)
     assert _checkpoint(run)["arch_batches"] == ARCH_BATCHES_AFTER_ONE_EPOCH
     result = run_script("train_search.py", *search_flags(folder, tmp_path / "unused", 2),
-                        "--checkpoint_path", str(run / "checkpoint.pt"), env=TRACE)
+                        "--checkpoint_path", str(run / "checkpoint.pt"), "--deterministic",
+                        env=TRACE)
     _ok(result)
     assert _traced_steps(result, [2]) == straight_steps[STEPS:]
+    assert "deterministic kernels (--deterministic)" in (run / "log.txt").read_text()
     assert _checkpoint(run)["epoch"] == 2
     _assert_same_arch(run, straight)
     assert len((run / "arch_history.jsonl").read_text().splitlines()) == 2

@@ -341,7 +341,8 @@ def test_evaluation_shards_cover_every_image_once():
 @pytest.mark.slow
 def test_device_loader_run_resumes_bit_for_bit_and_logs_its_speed(cifar, tmp_path):
     """--device_loader (the GPU's default) on the CPU: batches augmented on the device,
-    3+ steps per epoch, a run extended from 1 to 2 epochs equal to a 2-epoch run."""
+    3+ steps per epoch, a run extended from 1 to 2 epochs equal to a 2-epoch run (the
+    extension with --deterministic: on the CPU the same numbers)."""
     flags = ["--data", str(cifar), "--auxiliary", "--cutout", "--device_loader", *TINY, *EVERY_STEP]
     # The two runs nothing resumes run in this process; the resumed one as a command line.
     reference = run_ok("train_CIFAR10.py", *flags, "--epochs", "2",
@@ -350,14 +351,15 @@ def test_device_loader_run_resumes_bit_for_bit_and_logs_its_speed(cifar, tmp_pat
            in_process=True)
     run = only_run_dir(tmp_path / "part")
     resumed = run_ok("train_CIFAR10.py", *flags, "--epochs", "2",
-                     "--checkpoint_path", str(run / "checkpoint.pt"))
+                     "--checkpoint_path", str(run / "checkpoint.pt"), "--deterministic")
     assert reported_accuracy(resumed.stdout) == reported_accuracy(reference.stdout)
     expected = _state_dict(only_run_dir(tmp_path / "reference") / "trained.pt")
     weights = _state_dict(run / "trained.pt")
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
     log = (run / "log.txt").read_text()
     assert "device loader on (as requested)" in log and "CUDA graphs off" in log
+    assert "deterministic kernels (--deterministic)" in log.split("resuming")[1]
     assert _steps_per_epoch(log) == [6, 6]  # 200 images, batch 32
-    assert len(re.findall(r"time [\d.]+s \d+ img/s, eta \d+:\d\d:\d\d", log)) == 2
+    assert len(re.findall(r"time [\d.]+s \d+ img/s, [\d.]+ s/it, eta \d+:\d\d:\d\d", log)) == 2
     last_epoch = next(line for line in log.splitlines() if "epoch 2/2 lr" in line)
     assert last_epoch.endswith("eta 0:00:00")
