@@ -620,7 +620,8 @@ def train_and_validate(net: Supernet, halves: SearchData, scheduler: LRScheduler
     lr = scheduler.get_last_lr()[0]
     halves.train_loader.sampler.set_epoch(epoch)
     frozen = epoch < args.arch_warmup_epochs
-    schedule = net.architect.variant.start_epoch(epoch)
+    variant = net.architect.variant
+    schedule = variant.start_epoch(epoch) if variant is not None else ""
     if schedule:
         log(f"epoch {epoch + 1}/{args.epochs} collapse fixes: {schedule}")
     train_loss, train_acc = search_epoch(net.model, net.architect, net.optimizer,
