@@ -56,6 +56,7 @@ def search_step(args: argparse.Namespace, criterion) -> Step:
     import torch
     import torch.nn as nn
     from arch import Arch
+
     from model_search import AttLocation, Network
 
     unrolled = args.order == 2
@@ -84,6 +85,7 @@ def train_step(args: argparse.Namespace, criterion) -> Step:
     drop-path 0.2, auxiliary weight 0.4."""
     import torch
     import torch.nn as nn
+
     import genotypes
     from model import NetworkCIFAR
 

@@ -33,12 +33,12 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from runtime import curvature  # noqa: E402
 import train_search  # noqa: E402
 from architect import Architect  # noqa: E402
+from model_search import Network  # noqa: E402
+from runtime import curvature  # noqa: E402
 from runtime.diagnostics import describe, epoch_diagnostics, scalars  # noqa: E402
 from runtime.metrics import Metrics  # noqa: E402
-from model_search import Network  # noqa: E402
 from runtime.precision import Precision, memory_format, resolve_channels_last  # noqa: E402
 from runtime.searching import search_step  # noqa: E402
 

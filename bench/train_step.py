@@ -65,10 +65,11 @@ def build(config: Dict, device_name: str, batch: int, graphs: bool) -> Tuple[Ste
     ``graphs``); and the network, whose mode the caller sets."""
     import torch
     import torch.nn as nn
-    from runtime import training
-    from runtime.cuda_graphs import StepGraph
+
     from genotypes import Att_DARTS
     from model import NetworkCIFAR
+    from runtime import training
+    from runtime.cuda_graphs import StepGraph
     from runtime.precision import Precision, memory_format
 
     torch.manual_seed(0)
@@ -154,6 +155,7 @@ def profile_step(config: Dict) -> None:
 def resolved(args: argparse.Namespace) -> Dict:
     """The configuration's flags as the training scripts resolve them on ``--device``."""
     import torch
+
     from runtime.cuda_graphs import use_cuda_graphs
 
     return {"batch": args.batch, "steps": args.steps, "warmup": args.warmup,

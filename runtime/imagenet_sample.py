@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from runtime.atomic import atomic_write_text
-from runtime.data import Cutout, IMAGENET_STATS
+from runtime.data import IMAGENET_STATS, Cutout
 from runtime.errors import UserError
 
 # PC-DARTS's search crop (train_search_imagenet.py): the supernet's input size.

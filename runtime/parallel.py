@@ -6,9 +6,11 @@ decides how a model is wrapped.
 - otherwise, several visible GPUs: DataParallel over all of them (as the original);
 - otherwise one GPU, or the CPU.
 """
+import contextlib
+import gc
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Sequence
+from typing import Any, Iterable, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,9 +56,30 @@ def setup() -> Runtime:
     return Runtime(device)
 
 
-def teardown() -> None:
+def teardown(finished: bool = True) -> None:
+    """Leave the process group.  After a run that ``finished``, every rank first waits for
+    the others at a barrier and frees what still refers to the group (a DDP reducer in a
+    reference cycle): a gloo rank that leaves while its peer is still in a collective, or
+    whose worker threads outlive the interpreter, aborts the process at exit ("terminate
+    called without an active exception").  After an error no barrier: the other ranks may
+    never reach it."""
     if dist.is_initialized():
+        gc.collect()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[Runtime]:
+    """``setup()`` for the body of a run, ``teardown()`` after it, whatever happens."""
+    runtime = setup()
+    try:
+        yield runtime
+    except BaseException:
+        teardown(finished=False)
+        raise
+    teardown()
 
 
 def data_parallel(runtime: Runtime) -> bool:

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-
 # The random draws of the part this thread is running under RecomputedPart: recorded
 # by its forward (a list), replayed by its recomputation (an iterator); None outside.
 _draws = threading.local()

@@ -362,8 +362,7 @@ def search(args: argparse.Namespace) -> None:
     check_search_space_flags(args)
     check_variant_flags(args)
     early_stop = early_stop_rule(args)
-    runtime = parallel.setup()
-    try:
+    with parallel.process_group() as runtime:
         args.channels_last = search_channels_last(args, runtime.device)
         args.recompute, recompute_reason = resolve_recompute(args.recompute, runtime.device)
         args.cuda_graphs, strict_graphs, graphs_reason = resolve_cuda_graphs(args, runtime)
@@ -373,8 +372,6 @@ def search(args: argparse.Namespace) -> None:
                    "device_loader": loader_reason}
         with kernel_choice(args.deterministic, runtime.device):
             run_search(args, location, runtime, early_stop, reasons, strict_graphs)
-    finally:
-        parallel.teardown()
 
 
 def kept_genotype(summaries: List[Dict[str, Any]], epoch: int) -> Genotype:

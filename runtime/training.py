@@ -440,8 +440,7 @@ def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
           make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler],
           topk: Sequence[int] = (1,)) -> None:
     """A train script's whole run on ``dataset`` ('cifar10', 'cifar100' or 'imagenet')."""
-    runtime = parallel.setup()
-    try:
+    with parallel.process_group() as runtime:
         genotype = resolve_genotype(args.arch, args.arch_path)
         train_set, test_set = load_train_and_eval(args, dataset)
         # The same weights on every process (DDP would broadcast rank 0's anyway),
@@ -451,14 +450,11 @@ def train(args: argparse.Namespace, dataset: str, criterion: nn.Module,
         with kernel_choice(args.deterministic, runtime.device):
             fit(args, runtime, network, genotype, train_set, test_set,
                 criterion.to(runtime.device), make_scheduler, input_size_of(dataset), topk, dataset)
-    finally:
-        parallel.teardown()
 
 
 def test(args: argparse.Namespace, dataset: str, topk: Sequence[int] = (1,)) -> Accuracy:
     """A test script: the accuracy of ``args.model_path`` on the test/validation split."""
-    runtime = parallel.setup()
-    try:
+    with parallel.process_group() as runtime:
         set_seed(args.seed)
         genotype = resolve_genotype(args.arch, args.arch_path)
         test_set = load_split(args, dataset, train=False)
@@ -476,5 +472,3 @@ def test(args: argparse.Namespace, dataset: str, topk: Sequence[int] = (1,)) -> 
             print(f"param size {count_parameters(network) / 1e6:.6f} M (auxiliary head excluded)")
             print(f"test {result}")
         return result
-    finally:
-        parallel.teardown()

@@ -55,6 +55,7 @@ def tf32_allowed():
     """TF32 allowed for convolutions (cuDNN's default) and matrix products; yields
     those settings (``precision.float32_settings``) and restores the ones before."""
     import torch
+
     from runtime.precision import float32_settings
 
     before = float32_settings()

@@ -15,8 +15,8 @@ from architect import Architect
 from genotypes import Att_DARTS
 from model import NetworkCIFAR
 from model_search import Network
-from runtime.cuda_graphs import (StepGraph, add_cuda_graph_flag, resolve_cuda_graphs,
-                                 run_graphs, use_cuda_graphs)
+from runtime.cuda_graphs import (StepGraph, add_cuda_graph_flag, resolve_cuda_graphs, run_graphs,
+                                 use_cuda_graphs)
 from runtime.errors import UserError
 from runtime.parallel import Runtime
 from runtime.precision import Precision

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_partial_channels_reference import (STEPS, ReferenceCell, ReferenceNetwork,
-                                             as_reference, share_seeded_weights)
+from test_partial_channels_reference import (STEPS, ReferenceCell, ReferenceNetwork, as_reference,
+                                             share_seeded_weights)
 
 from architect import Architect
 from genotypes import PRIMITIVES

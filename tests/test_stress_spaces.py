@@ -18,9 +18,9 @@ from training_helpers import (command, mini_cifar, only_run_dir, reported_accura
 
 import genotypes
 import plot_search
+from architect import Architect
 from genotypes import OPERATION_SPACES, genotype_from_dict, genotype_to_dict, space_operations
 from model import NetworkCIFAR
-from architect import Architect
 from model_search import Network
 from operations import Noise
 from runtime import curvature, pipeline, result_card, searching

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import TINY, mini_cifar, one_line_error, reported_accuracy, run_in_process, run_ok
+from training_helpers import (TINY, mini_cifar, one_line_error, reported_accuracy, run_in_process,
+                              run_ok)
 
 import genotypes
 from model import NetworkCIFAR
