@@ -18,9 +18,9 @@ The variants are train_search.py's flags of runtime/collapse_fixes.py:
 
 ``--size tiny`` (the default) searches a 5-cell supernet of width 4 for 8 epochs on
 ``--images_per_class`` images of each class of DATA/train (a folder of symbolic links
-in the output directory), the eigenvalue on 32 images with at most 5 power
-iterations: a few minutes per search on two CPU cores, enough to show how the
-searches differ, not what a full search finds.  ``--size paper`` is train_search.py's
+in the output directory), the eigenvalue on 16 images with at most 20 power
+iterations (with 5 it never converged): one to three minutes per search on two CPU
+cores, enough to show how the searches differ, not what a full search finds.  ``--size paper`` is train_search.py's
 defaults (C=16, 8 cells, batch 64, 50 epochs, the whole training split) with the
 eigenvalue on 256 images, as RobustDARTS measures it: hours per search on a GPU.
 ``--jobs N`` runs N searches at a time (with N GPUs visible, one GPU each).
@@ -35,6 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from runtime.atomic import atomic_write_text  # noqa: E402
+
 VARIANTS: Dict[str, List[str]] = {
     "darts": [],
     "beta": ["--beta_decay", "50"],
@@ -45,7 +49,7 @@ VARIANTS: Dict[str, List[str]] = {
 }
 SIZES: Dict[str, List[str]] = {
     "tiny": ["--init_ch", "4", "--layers", "5", "--batchsz", "16", "--epochs", "8",
-             "--hessian_images", "32", "--hessian_iterations", "5", "--workers", "0"],
+             "--hessian_images", "16", "--hessian_iterations", "20", "--workers", "0"],
     "paper": ["--hessian_images", "256", "--hessian_iterations", "20"],
 }
 
@@ -202,11 +206,9 @@ def main() -> None:
     table = run_all(args, data)
     text = report(table, args.variants)
     print(text)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "seconds": time.time() - started, "table": table}, f,
-                  indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text.lstrip() + "\n")
+    results = {"args": vars(args), "seconds": time.time() - started, "table": table}
+    atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=1))
+    atomic_write_text(os.path.join(args.out, "results.md"), text.lstrip() + "\n")
     failed = [f"{s} {v}" for s, r in table.items() for v, x in r.items() if x["returncode"]]
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (their output.txt under {args.out})")

@@ -276,3 +276,29 @@ def test_plot_search_draws_the_diagnostics(runs, tmp_path):
     assert figures.attention_names(history) == ["Identity", "SE", "BAM", "CBAM", "GE_theta-plus",
                                                     "DoubleAttention"]
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("diagnostics.png", "attention.png"))
+
+
+@pytest.mark.slow
+def test_bench_collapse_tabulates_a_search_from_its_history(runs):
+    """bench/collapse.py's table, read back from a real search's arch_history.jsonl: a
+    row per epoch with the normal cell's skip connections and the eigenvalue, then the
+    final normal cell."""
+    from bench.collapse import read_history, report
+
+    run = _resumed(runs)
+    history = _history(run)
+    epochs = read_history(str(run))
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for epoch, record in zip(epochs, history):
+        assert epoch["skip_connect"] == record["diagnostics"]["skip_connect"]["normal"]
+        assert epoch["eigenvalue"] == record["hessian"]["eigenvalue"] != 0
+    result = {"run_dir": str(run), "seconds": 12.0, "returncode": 0, "epochs": epochs}
+    failed = {"run_dir": "/nowhere", "seconds": 1.0, "returncode": 1, "epochs": []}
+    lines = report({"s3": {"darts": result, "beta": failed}}, ["darts", "beta"]).splitlines()
+    assert "## space s3: skip connections in the normal cell" in lines[1]
+    for epoch in epochs:
+        value = f"{epoch['eigenvalue']:.3g}{'' if epoch['converged'] else '*'}"
+        assert f"| {epoch['epoch']} | {epoch['skip_connect']} ({value}) | - |" in lines
+    final = ", ".join(f"{op}<-{source}" for op, source, _ in history[-1]["genotype"]["normal"])
+    assert f"| darts | {final} | 12 |" in lines
+    assert "| beta | failed, see /nowhere | 1 |" in lines
