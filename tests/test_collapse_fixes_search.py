@@ -6,6 +6,7 @@ threshold cell a final network is built from; SDARTS-ADV runs under --amp and, u
 same architecture on both processes after every step."""
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from test_search_script import (DIGEST, STEPS, TRACE, _assert_finite,  # noqa: F
                                 _assert_same_arch, _checkpoint, _ok, _traced_steps, folder,
                                 search_flags)
 from test_training import _kill_after_first_checkpoint
-from training_helpers import (REPO, command, only_run_dir, run_parallel, run_script, script_env,
+from training_helpers import (REPO, command, only_run_dir, run_in_process, run_script, script_env,
                               torchrun_command)
 
 from genotypes import load_genotype
@@ -30,13 +31,17 @@ ADVERSARIAL = ["--location", "end", "--perturb_alpha", "adversarial", "--beta_de
 
 @pytest.fixture(scope="module")
 def runs(folder, tmp_path_factory) -> dict:
+    """'smoothed', which a test resumes and compares, as its command line, while the
+    searches nothing resumes run in this process (``run_in_process``)."""
     base = tmp_path_factory.mktemp("fixes")
-    specs = {"smoothed": (2, SMOOTHED), "fair": (1, FAIR),
-             "adversarial": (1, ADVERSARIAL + ["--amp"])}
-    commands = {name: command("train_search.py", *search_flags(folder, base / name, epochs, *extra))
-                for name, (epochs, extra) in specs.items()}
-    results = run_parallel(commands, env=TRACE)
-    return {name: (results[name], base / name) for name in commands}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        smoothed = pool.submit(run_script, "train_search.py",
+                               *search_flags(folder, base / "smoothed", 2, *SMOOTHED), env=TRACE)
+        results = {name: run_in_process("train_search.py",
+                                        *search_flags(folder, base / name, 1, *extra), env=TRACE)
+                   for name, extra in (("fair", FAIR), ("adversarial", ADVERSARIAL + ["--amp"]))}
+        results["smoothed"] = smoothed.result()
+    return {name: (result, base / name) for name, result in results.items()}
 
 
 def _run(runs: dict, name: str):
@@ -63,7 +68,7 @@ def test_fixes_resume_bit_for_bit_at_the_right_epoch(runs, folder, tmp_path):
     assert ("epoch 2/2 collapse fixes: Beta-Decay weight 2.5, auxiliary skip weight 0.5, "
             "perturbation radius 0.165") in result.stdout
     # Other fixes than the checkpoint's: one line, nothing run.
-    refused = run_script("train_search.py", *search_flags(folder, exp, 3, *SMOOTHED[:-2]),
+    refused = run_in_process("train_search.py", *search_flags(folder, exp, 3, *SMOOTHED[:-2]),
                          "--checkpoint_path", str(run))
     assert refused.returncode != 0
     assert "--perturb_alpha random, not none; resume with the run's own flags" in refused.stderr

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 from training_helpers import (REPO, command, one_line_error, only_run_dir, random_image_folder,
-                              run_parallel, run_script)
+                              run_in_process, run_parallel, run_script)
 
 import train_search
 from architect import Architect
@@ -281,7 +281,7 @@ def test_a_search_resumes_on_its_own_sample_and_ends_as_an_uninterrupted_one(ima
 @pytest.mark.slow
 def test_a_folder_that_is_not_imagenet_is_one_line_and_leaves_no_run(tmp_path):
     data = touch_folder(tmp_path / "data", {"n01": 1, "n02": 5})
-    result = run_script("train_search.py", *tiny_search(data, tmp_path / "exp", 1))
+    result = run_in_process("train_search.py", *tiny_search(data, tmp_path / "exp", 1))
     assert "n01 holds 1 image(s): too few" in one_line_error(result)
     assert not (tmp_path / "exp").exists()
 

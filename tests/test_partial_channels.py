@@ -177,8 +177,7 @@ def test_a_pc_darts_search_end_to_end(cifar_mini, tmp_path):
     epoch leaves the architecture alone, the second moves it; the edge weights are
     saved and recorded; a resume with another K or without edge normalisation is one
     error line; the genotype builds a final network."""
-    from training_helpers import (mini_cifar, one_line_error, only_run_dir, run_in_process,
-                                  run_script)
+    from training_helpers import mini_cifar, one_line_error, only_run_dir, run_in_process
 
     from genotypes import load_genotype
     from model import NetworkCIFAR
@@ -187,8 +186,8 @@ def test_a_pc_darts_search_end_to_end(cifar_mini, tmp_path):
     flags = ["--data", str(folder), "--init_ch", "4", "--layers", "3", "--batchsz", "8",
              "--train_portion", "0.6", "--workers", "0", "--location", "after_every",
              "--partial_channels", "2", "--arch_warmup_epochs", "1"]
-    result = run_script("train_search.py", *flags, "--exp_path", str(tmp_path / "exp"),
-                        "--epochs", "2", env={"ATT_DARTS_TRACE_ARCH": "1"})
+    result = run_in_process("train_search.py", *flags, "--exp_path", str(tmp_path / "exp"),
+                            "--epochs", "2", env={"ATT_DARTS_TRACE_ARCH": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     hashes = [line.split()[-1] for line in result.stdout.splitlines()
               if line.startswith("rank 0 epoch")]

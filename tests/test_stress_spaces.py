@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from training_helpers import (command, mini_cifar, only_run_dir, reported_accuracy, run_parallel,
-                              run_script)
+from training_helpers import mini_cifar, only_run_dir, reported_accuracy, run_in_process
 
 import genotypes
 import plot_search
@@ -267,9 +266,10 @@ def test_checkpoint_of_another_space_is_refused_in_one_line(tmp_path, saved, res
 def test_s4_search_then_its_cell_with_noise_trains_tests_draws_and_costs(cifar_mini, tmp_path):
     """train_search.py --space s4 (3 iterations on 24 images), then the final network
     of its genotype.json, noise ops included, trained for an epoch (5 iterations),
-    tested from its trained.pt, drawn and costed."""
+    tested from its trained.pt, drawn and costed.  Nothing here is resumed or killed: every
+    script runs in this process (``run_in_process``)."""
     data = mini_cifar(cifar_mini, tmp_path / "data", train=4, val=1)
-    search = run_script("train_search.py", "--data", str(data), "--exp_path", str(tmp_path / "search"),
+    search = run_in_process("train_search.py", "--data", str(data), "--exp_path", str(tmp_path / "search"),
                         "--init_ch", "4", "--layers", "3", "--batchsz", "8", "--train_portion",
                         "0.6", "--workers", "0", "--epochs", "1", "--space", "s4",
                         env={"ATT_DARTS_TRACE_ARCH": "1"})
@@ -288,13 +288,13 @@ def test_s4_search_then_its_cell_with_noise_trains_tests_draws_and_costs(cifar_m
 
     small = ["--data", str(data), "--arch_path", genotype_path, "--init_ch", "4", "--layers", "3",
              "--batchsz", "8", "--workers", "0", "--auxiliary"]
-    results = run_parallel({
-        "train": command("train_CIFAR10.py", *small, "--epochs", "1", "--exp_path",
-                         str(tmp_path / "train")),
-        "draw": command("visualize.py", genotype_path, "--save_dir", str(tmp_path / "drawn"),
-                        "--without_view"),
-        "cost": command("cost.py", "--arch_path", genotype_path, "--init_ch", "4", "--layers", "3",
-                        "--batch", "2", "--repeats", "1")})
+    results = {
+        "train": run_in_process("train_CIFAR10.py", *small, "--epochs", "1", "--exp_path",
+                                str(tmp_path / "train")),
+        "draw": run_in_process("visualize.py", genotype_path, "--save_dir",
+                               str(tmp_path / "drawn"), "--without_view"),
+        "cost": run_in_process("cost.py", "--arch_path", genotype_path, "--init_ch", "4",
+                               "--layers", "3", "--batch", "2", "--repeats", "1")}
     for name, result in results.items():
         assert result.returncode == 0, (name, result.stderr[-3000:])
     trained = only_run_dir(tmp_path / "train")
@@ -305,7 +305,7 @@ def test_s4_search_then_its_cell_with_noise_trains_tests_draws_and_costs(cifar_m
     if drawn[0].suffix == ".gv":  # without Graphviz's dot
         assert "noise" in drawn[0].read_text()
     assert "parameters" in results["cost"].stdout
-    tested = run_script("test_CIFAR10.py", *small, "--model_path", str(trained / "trained.pt"))
+    tested = run_in_process("test_CIFAR10.py", *small, "--model_path", str(trained / "trained.pt"))
     assert tested.returncode == 0, tested.stderr[-3000:]
     [(k, _, _, total)] = reported_accuracy(tested.stdout)[:1]
     assert (k, total) == (1, 10)
