@@ -20,9 +20,10 @@ The variants are train_search.py's flags of runtime/collapse_fixes.py:
 ``--images_per_class`` images of each class of DATA/train (a folder of symbolic links
 in the output directory), the eigenvalue on 16 images with at most 20 power
 iterations (with 5 it never converged): one to three minutes per search on two CPU
-cores, enough to show how the searches differ, not what a full search finds.  ``--size paper`` is train_search.py's
-defaults (C=16, 8 cells, batch 64, 50 epochs, the whole training split) with the
-eigenvalue on 256 images, as RobustDARTS measures it: hours per search on a GPU.
+cores, enough to show how the searches differ, not what a full search finds.
+``--size paper`` is train_search.py's defaults (C=16, 8 cells, batch 64, 50 epochs,
+the whole training split) with the eigenvalue on 256 images, as RobustDARTS measures
+it: hours per search on a GPU.
 ``--jobs N`` runs N searches at a time (with N GPUs visible, one GPU each).
 """
 import argparse

@@ -69,7 +69,7 @@ def test_fixes_resume_bit_for_bit_at_the_right_epoch(runs, folder, tmp_path):
             "perturbation radius 0.165") in result.stdout
     # Other fixes than the checkpoint's: one line, nothing run.
     refused = run_in_process("train_search.py", *search_flags(folder, exp, 3, *SMOOTHED[:-2]),
-                         "--checkpoint_path", str(run))
+                             "--checkpoint_path", str(run))
     assert refused.returncode != 0
     assert "--perturb_alpha random, not none; resume with the run's own flags" in refused.stderr
     assert _checkpoint(run)["epoch"] == 2

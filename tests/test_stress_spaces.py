@@ -269,10 +269,10 @@ def test_s4_search_then_its_cell_with_noise_trains_tests_draws_and_costs(cifar_m
     tested from its trained.pt, drawn and costed.  Nothing here is resumed or killed: every
     script runs in this process (``run_in_process``)."""
     data = mini_cifar(cifar_mini, tmp_path / "data", train=4, val=1)
-    search = run_in_process("train_search.py", "--data", str(data), "--exp_path", str(tmp_path / "search"),
-                        "--init_ch", "4", "--layers", "3", "--batchsz", "8", "--train_portion",
-                        "0.6", "--workers", "0", "--epochs", "1", "--space", "s4",
-                        env={"ATT_DARTS_TRACE_ARCH": "1"})
+    search = run_in_process("train_search.py", "--data", str(data), "--exp_path",
+                            str(tmp_path / "search"), "--init_ch", "4", "--layers", "3",
+                            "--batchsz", "8", "--train_portion", "0.6", "--workers", "0",
+                            "--epochs", "1", "--space", "s4", env={"ATT_DARTS_TRACE_ARCH": "1"})
     assert search.returncode == 0, search.stderr[-3000:]
     assert search.stdout.count("architecture sha256") == 3
     run = only_run_dir(tmp_path / "search")
