@@ -201,6 +201,8 @@ def report(table: Dict[str, Dict[str, Dict]], variants: Sequence[str]) -> str:
 
 def main() -> None:
     args = parser.parse_args()
+    # The searches run in the repository: paths given relative to here must not move.
+    args.data, args.out = os.path.abspath(args.data), os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
     data = subset(args.data, args.images_per_class if args.size == "tiny" else 0, args.out)
     started = time.time()

@@ -3,7 +3,10 @@ original release's (counted by bench/count_original.py in its own process) and t
 ratio make it into the printed table.  The original's part needs ../shared/baseline;
 without it the project's part still runs and the test is skipped with the reason.
 The end-to-end tests are slow: each count is a fresh process that imports torch and
-runs two steps (a minute or more on two busy cores)."""
+runs two steps (a minute or more on two busy cores).  bench/collapse.py runs a one-epoch
+search from another working directory."""
+import json
+import os
 import re
 import subprocess
 import sys
@@ -68,3 +71,22 @@ def test_search_step_counts_ops_of_both():
 @pytest.mark.slow
 def test_train_step_counts_ops_of_both():
     check_counts("train_step.py", TINY)
+
+
+@pytest.mark.slow
+def test_collapse_bench_runs_from_another_directory_with_relative_paths(cifar_mini, tmp_path):
+    """bench/collapse.py started outside the repository, with --data and --out relative
+    to where it was started: its searches (run in the repository) still find both."""
+    data = os.path.relpath(cifar_mini, tmp_path)
+    tiny = ("--epochs 1 --init_ch 4 --layers 3 --batchsz 4 --hessian_images 8 "
+            "--hessian_iterations 1")
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "collapse.py"), "--data", data,
+                             "--spaces", "s2", "--variants", "darts", "--images_per_class", "3",
+                             "--out", "collapse", "--extra", tiny],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "collapse" / "results.json").read_text())
+    [epoch] = results["table"]["s2"]["darts"]["epochs"]
+    assert epoch["epoch"] == 1 and epoch["eigenvalue"] is not None
+    assert (tmp_path / "collapse" / "data-3" / "train" / "airplane").is_dir()
